@@ -1,0 +1,71 @@
+/**
+ * `periscope` — the one operator entry point. Dispatches to subcommands; every subcommand has --help.
+ */
+import { defineSchema, formatHelp, loadConfig } from '@periscope/config';
+import { KVMI_VERSION } from '@periscope/kvmi';
+import { PLANNED, type Subcommand } from './commands.js';
+import { readVersionInfo } from './version.js';
+
+export interface Io {
+  out: (line: string) => void;
+  err: (line: string) => void;
+}
+const stdio: Io = { out: (l) => process.stdout.write(`${l}\n`), err: (l) => process.stderr.write(`${l}\n`) };
+
+const versionSchema = defineSchema({
+  options: { json: { kind: 'boolean', description: 'print machine-readable JSON' } },
+});
+
+function builtin(io: Io): Subcommand[] {
+  return [
+    {
+      name: 'version',
+      summary: 'print the Periscope version, protocol versions and build',
+      run: async (argv) => {
+        const cfg = loadConfig(versionSchema, argv, process.env, { command: 'periscope version', summary: 'Print the Periscope version, the KVMI protocol version spoken, and the build.' });
+        const info = { ...readVersionInfo(), kvmiVersion: KVMI_VERSION, kvmiDialect: 'v12', node: process.version };
+        if (cfg.values.json) io.out(JSON.stringify(info));
+        else {
+          io.out(`periscope ${info.version}${info.commit ? ` (${info.commit})` : ''}`);
+          io.out(`KVMI protocol: ${info.kvmiDialect}, version ${info.kvmiVersion}`);
+          io.out(`node ${info.node}`);
+        }
+        return 0;
+      },
+    },
+  ];
+}
+
+export function usage(commands: readonly Subcommand[]): string {
+  const width = Math.max(...commands.map((c) => c.name.length)) + 2;
+  const lines = ['Usage: periscope <command> [options]', '', 'Commands:'];
+  for (const c of commands) lines.push(`  ${c.name.padEnd(width)}${c.summary}${c.plannedIn ? ` (not built yet: ${c.plannedIn})` : ''}`);
+  lines.push('', 'Run `periscope <command> --help` for the options of a command.');
+  return lines.join('\n');
+}
+
+const plannedSchema = defineSchema({ options: {} });
+
+export async function main(argv: string[], io: Io = stdio): Promise<number> {
+  const commands = [...builtin(io), ...PLANNED];
+  const [name, ...rest] = argv;
+  if (name === undefined || name === '--help' || name === '-h' || name === 'help') {
+    io.out(usage(commands));
+    return name === undefined ? 2 : 0;
+  }
+  const cmd = commands.find((c) => c.name === name);
+  if (!cmd) {
+    io.err(`periscope: unknown command '${name}'`);
+    io.err(usage(commands));
+    return 2;
+  }
+  if (cmd.run) return cmd.run(rest);
+  if (rest.includes('--help') || rest.includes('-h')) {
+    io.out(formatHelp(plannedSchema, { command: `periscope ${cmd.name}`, summary: `${cmd.summary}. Not built yet: ${cmd.plannedIn}.` }));
+    return 0;
+  }
+  io.err(`periscope ${cmd.name}: not built yet — ${cmd.summary}; arrives with issue ${cmd.plannedIn}.`);
+  io.err('Built so far: the workspace, service contracts, shared configuration and the KVMI v12 wire library (`npm test` exercises them).');
+  // `npm start` runs `periscope demo`: until the demo exists it reports what is missing and exits 0.
+  return cmd.name === 'demo' ? 0 : 3;
+}
