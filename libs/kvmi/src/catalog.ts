@@ -318,6 +318,7 @@ export const commands = {
     checks: [
       padding,
       { kind: 'state', key: 'page-access-entries', errno: 'EINVAL', doc: 'per entry: padding, access bits other than rwx, gfn not visible; all entries applied, first error returned' },
+      { kind: 'state', key: 'page-access-alloc', errno: 'ENOMEM', doc: 'tracking allocation failure' },
     ],
     summary: 'set allowed R/W/X per gfn in the EPT (up to 511 entries)',
   }),
@@ -349,6 +350,7 @@ export const commands = {
       padding,
       { kind: 'predicate', errno: 'EINVAL', doc: 'reply too large (nmsrs > 481)', fails: (r) => (r['nmsrs'] as number) > 481 },
       { kind: 'state', key: 'msrs-readable', errno: 'EINVAL', doc: 'an MSR cannot be read' },
+      { kind: 'state', key: 'reply-alloc', errno: 'ENOMEM', doc: 'the reply buffer cannot be allocated' },
     ],
     summary: 'mode, kvm_regs, kvm_sregs and the requested MSRs',
   }),
@@ -401,7 +403,10 @@ export const commands = {
   GET_MAP_TOKEN: command({
     key: 'GET_MAP_TOKEN', name: 'KVMI_GET_MAP_TOKEN', id: vmMessageId(11), scope: 'vm', request: null,
     shortPayload: 'zero-fill', reply: S.kvmi_get_map_token_reply, alwaysAllowed: false,
-    checks: [{ kind: 'state', key: 'token-limit', errno: 'EAGAIN', doc: 'too many outstanding tokens' }],
+    checks: [
+      { kind: 'state', key: 'token-limit', errno: 'EAGAIN', doc: 'too many outstanding tokens' },
+      { kind: 'state', key: 'token-alloc', errno: 'ENOMEM', doc: 'token allocation failure' },
+    ],
     extension: { seed: 'v6', note: 'single-use token for /dev/kvmmem (kvmmem.md §1); ENOSYS on a pure v12 kernel' },
     summary: 'a single-use token authorising one /dev/kvmmem map of this VM',
   }),

@@ -14,3 +14,4 @@ export * as structs from './structs.js';
 export * from './catalog.js';
 export * from './codec.js';
 export * from './unconfirmed.js';
+export { renderProtocolDoc } from './protocol-doc.js';
