@@ -43,30 +43,11 @@ import {
   isVcpuMessageId,
 } from './constants.js';
 import { KvmiError } from './errors.js';
+import { frameId, frameSeq, frameSize, writeHeader } from './framing.js';
 import { copyBytes, type Layout } from './layout.js';
 import * as S from './structs.js';
 
-// ---- header access (offsets from the layout, computed once) -----------------------------------
-
-const HDR_ID = S.kvmi_msg_hdr.field('id').offset;
-const HDR_SIZE = S.kvmi_msg_hdr.field('size').offset;
-const HDR_SEQ = S.kvmi_msg_hdr.field('seq').offset;
-
-export function frameId(frame: Buffer): number {
-  return frame.readUInt16LE(HDR_ID);
-}
-export function frameSize(frame: Buffer): number {
-  return frame.readUInt16LE(HDR_SIZE);
-}
-export function frameSeq(frame: Buffer): number {
-  return frame.readUInt32LE(HDR_SEQ);
-}
-
-function writeHeader(buf: Buffer, off: number, id: number, size: number, seq: number): void {
-  buf.writeUInt16LE(id, off + HDR_ID);
-  buf.writeUInt16LE(size, off + HDR_SIZE);
-  buf.writeUInt32LE(seq >>> 0, off + HDR_SEQ);
-}
+// ---- header access: one set of helpers, in framing.ts ------------------------------------------
 
 /** The payload view of a frame; checks that the header's size matches the bytes present. */
 function payloadOf(frame: Buffer): Buffer {
@@ -353,8 +334,8 @@ export class VcpuEventView {
   /** Point the view at a frame. Returns false (and leaves the view unusable) if it is not a vCPU event. */
   reset(frame: Buffer): boolean {
     if (frame.length < KVMI_MSG_HDR_SIZE + EVENT_HDR_SIZE + S.kvmi_vcpu_event.size) return false;
-    if (frame.readUInt16LE(HDR_ID) !== KVMI_VCPU_EVENT) return false;
-    const size = frame.readUInt16LE(HDR_SIZE);
+    if (frameId(frame) !== KVMI_VCPU_EVENT) return false;
+    const size = frameSize(frame);
     if (frame.length < KVMI_MSG_HDR_SIZE + size) return false;
     const common = frame.readUInt16LE(KVMI_MSG_HDR_SIZE + VCPU_EVENT_SIZE_OFF);
     if (common < S.kvmi_vcpu_event.size) return false;
@@ -364,7 +345,7 @@ export class VcpuEventView {
     const specific = KVMI_MSG_HDR_SIZE + EVENT_HDR_SIZE + common;
     if (def.payload && specific + def.payload.size > KVMI_MSG_HDR_SIZE + size) return false;
     this.frame = frame;
-    this.seq = frame.readUInt32LE(HDR_SEQ);
+    this.seq = frameSeq(frame);
     this.eventId = eventId;
     this.vcpu = frame.readUInt16LE(KVMI_MSG_HDR_SIZE + VCPU_EVENT_VCPU_OFF);
     this.specific = specific;

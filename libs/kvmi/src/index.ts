@@ -15,3 +15,6 @@ export * from './catalog.js';
 export * from './codec.js';
 export * from './unconfirmed.js';
 export { renderProtocolDoc } from './protocol-doc.js';
+export * from './framing.js';
+export * from './handshake.js';
+export * from './session.js';
