@@ -13,6 +13,7 @@
  */
 import * as S from './structs.js';
 import { vcpuMessageId, vmMessageId } from './constants.js';
+import * as U from './unconfirmed.js';
 import type { Layout, ValueOf } from './layout.js';
 
 // ---- error codes (§2.4) -----------------------------------------------------------------------
@@ -477,3 +478,60 @@ export function requiredPayload(def: CommandDef): number {
 }
 
 export type { Layout, ValueOf };
+
+// ---- hooking ioctls (device manager side, §7) -------------------------------------------------
+
+export interface IoctlDef {
+  readonly name: string;
+  /** The request number; HOOK/UNHOOK are inferred (see unconfirmed.ts `hook-ioctl-numbers`). */
+  readonly request: number;
+  readonly arg: Layout<unknown> | null;
+  /** errno names (positive Linux errno semantics) in the order the kernel checks them. */
+  readonly errors: readonly string[];
+  readonly summary: string;
+}
+
+export const ioctls = {
+  HOOK: {
+    name: 'KVM_INTROSPECTION_HOOK', request: U.KVM_INTROSPECTION_HOOK, arg: S.kvm_introspection_hook as Layout<unknown>,
+    errors: ['EPERM (introspection disabled)', 'EFAULT (copy)', 'EINVAL (padding, bad fd)', 'EEXIST (hooked, or vCPU state remains)', 'ENOMEM'],
+    summary: 'hand the connected socket to KVM; all commands but the three always-allowed and all events start disallowed; seq restarts at 1',
+  },
+  UNHOOK: {
+    name: 'KVM_INTROSPECTION_UNHOOK', request: U.KVM_INTROSPECTION_UNHOOK, arg: null,
+    errors: ['EPERM (introspection disabled)'],
+    summary: 'shut the socket down, wait for the receive thread, clean up (§8); always 0 otherwise',
+  },
+  COMMAND: {
+    name: 'KVM_INTROSPECTION_COMMAND', request: U.KVM_INTROSPECTION_COMMAND, arg: S.kvm_introspection_feature as Layout<unknown>,
+    errors: ['EFAULT (copy)', 'EINVAL (allow > 1, id < -1 or id >= KVMI_NUM_COMMANDS)', 'EFAULT (not hooked)', 'EPERM (disallowing an always-allowed command)'],
+    summary: 'allow (1) or disallow (0) one command id, or all (-1)',
+  },
+  EVENT: {
+    name: 'KVM_INTROSPECTION_EVENT', request: U.KVM_INTROSPECTION_EVENT, arg: S.kvm_introspection_feature as Layout<unknown>,
+    errors: ['EFAULT (copy)', 'EINVAL (allow > 1, id < -1 or id >= KVMI_NUM_EVENTS)', 'EFAULT (not hooked)'],
+    summary: 'allow (1) or disallow (0) one event id, or all (-1)',
+  },
+  PREUNHOOK: {
+    name: 'KVM_INTROSPECTION_PREUNHOOK', request: U.KVM_INTROSPECTION_PREUNHOOK, arg: null,
+    errors: ['EPERM (introspection disabled)', 'EFAULT (not hooked)', 'ENOENT (UNHOOK event not enabled, or its send failed)'],
+    summary: 'send KVMI_VM_EVENT_UNHOOK if the tool enabled it; does not wait',
+  },
+} as const satisfies Record<string, IoctlDef>;
+
+// ---- the dialect ------------------------------------------------------------------------------
+
+/**
+ * One wire dialect as data. v12 is the only one implemented; the v7/libkvmi dialect (flat ids, its own
+ * event-reply id, CONTROL_CMD_RESPONSE) would be a second value of this type.
+ */
+export interface KvmiDialect {
+  readonly name: string;
+  readonly version: number;
+  readonly commands: Readonly<Record<string, CommandDef>>;
+  readonly events: Readonly<Record<string, EventDef>>;
+  readonly ioctls: Readonly<Record<string, IoctlDef>>;
+  readonly errno: Readonly<Record<string, number>>;
+}
+
+export const v12: KvmiDialect = { name: 'v12', version: 1, commands, events, ioctls, errno: KvmErrno };

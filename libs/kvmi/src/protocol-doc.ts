@@ -2,7 +2,7 @@
  * Renders `docs/protocol.md` from the catalog and the UNCONFIRMED choices, so the document can never
  * disagree with the code. `npm run docs:protocol` writes it; a test fails when it is stale.
  */
-import { commands, EventAction, events, KvmErrno, PageAccess, type CommandCheck, type CommandDef, type EventDef, type TailSpec } from './catalog.js';
+import { commands, EventAction, events, ioctls, KvmErrno, PageAccess, type CommandCheck, type CommandDef, type EventDef, type TailSpec } from './catalog.js';
 import { KVMI_MAX_MSG_SIZE, KVMI_NUM_COMMANDS, KVMI_NUM_EVENTS, KVMI_VERSION } from './constants.js';
 import { unconfirmedChoices } from './unconfirmed.js';
 
@@ -74,6 +74,14 @@ export function renderProtocolDoc(): string {
     L.push(
       `| ${e.id} | ${e.name} | ${e.scope} | ${e.payload ? `\`${e.payload.name}\` (${e.payload.size})` : 'none'} | ${e.replyData ? `\`${e.replyData.name}\` (${e.replyData.size})` : e.scope === 'vm' ? 'no reply' : 'none'} | ${e.actions.join(', ') || '—'} | ${enable}${e.condition ? `; ${e.condition}` : ''} | ${e.notContinue} |`,
     );
+  }
+  L.push('');
+  L.push('## Hooking ioctls (device manager, on the VM fd)');
+  L.push('');
+  L.push('| ioctl | request | argument | errors, in order | what |');
+  L.push('|---|---|---|---|---|');
+  for (const io of Object.values(ioctls)) {
+    L.push(`| ${io.name} | 0x${io.request.toString(16).toUpperCase()} | ${io.arg ? `\`${io.arg.name}\` (${io.arg.size})` : 'none'} | ${io.errors.join('; ')} | ${io.summary} |`);
   }
   L.push('');
   L.push('## Constants');

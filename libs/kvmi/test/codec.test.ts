@@ -393,3 +393,20 @@ describe('property: round trips and typed errors only', () => {
     );
   });
 });
+
+describe('catalog: hooking ioctls and dialect as data', () => {
+  it('ioctl numbers follow _IOW/_IO(KVMIO=0xAE, nr, T) with the argument struct sizes (§7)', async () => {
+    const { ioctls, v12 } = await import('@periscope/kvmi');
+    const iow = (nr: number, size: number) => (0x40000000 | (size << 16) | (0xae << 8) | nr) >>> 0;
+    const io = (nr: number) => (0xae << 8) | nr;
+    expect(ioctls.HOOK.request).toBe(iow(0xc8, 24));
+    expect(ioctls.UNHOOK.request).toBe(io(0xc9));
+    expect(ioctls.COMMAND.request).toBe(iow(0xca, 8));
+    expect(ioctls.EVENT.request).toBe(iow(0xcb, 8));
+    expect(ioctls.PREUNHOOK.request).toBe(io(0xcc));
+    expect(ioctls.HOOK.arg?.size).toBe(24);
+    expect(v12.name).toBe('v12');
+    expect(Object.keys(v12.commands).length).toBe(26);
+    expect(Object.keys(v12.events).length).toBe(11);
+  });
+});
