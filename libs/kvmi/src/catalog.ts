@@ -214,7 +214,8 @@ export interface CommandDef<Q = unknown, R = unknown> {
   readonly summary: string;
 }
 
-function command<Q, R>(d: CommandDef<Q, R>): CommandDef<Q, R> {
+/** Keeps the literal scope in the type, so vCPU commands require `vcpu` in their input. */
+function command<Q, R, const Sc extends 'vm' | 'vcpu'>(d: CommandDef<Q, R> & { readonly scope: Sc }): CommandDef<Q, R> & { readonly scope: Sc } {
   return d;
 }
 

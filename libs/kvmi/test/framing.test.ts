@@ -3,11 +3,9 @@
  * sheet's `kvmi_msg_hdr` table (kvmi-v12.md §2.1: id u16 @0, size u16 @2, seq u32 @4), independently of
  * structs.ts.
  */
-import { randomBytes } from 'node:crypto';
-import { rm } from 'node:fs/promises';
 import net from 'node:net';
 
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 
 import {
   FrameReader,
@@ -23,36 +21,12 @@ import {
   readHeader,
   writeHeader,
 } from '../src/framing.js';
+import { socketPair as unixPair } from './support/unix.js';
 
 // ---- helpers ----------------------------------------------------------------------------------
 
-const cleanups: Array<() => Promise<void>> = [];
-afterEach(async () => {
-  for (const c of cleanups.splice(0).reverse()) await c();
-});
-
-let counter = 0;
-async function socketPair(): Promise<{ client: net.Socket; server: net.Socket }> {
-  const path = `/tmp/kf-${process.pid}-${++counter}-${randomBytes(3).toString('hex')}.sock`;
-  const srv = net.createServer();
-  await new Promise<void>((resolve, reject) => {
-    srv.once('error', reject);
-    srv.listen(path, resolve);
-  });
-  const accepted = new Promise<net.Socket>((resolve) => srv.once('connection', resolve));
-  const client = net.createConnection(path);
-  await new Promise<void>((resolve, reject) => {
-    client.once('connect', resolve);
-    client.once('error', reject);
-  });
-  const server = await accepted;
-  cleanups.push(async () => {
-    client.destroy();
-    server.destroy();
-    await new Promise<void>((resolve) => srv.close(() => resolve()));
-    await rm(path, { force: true });
-  });
-  return { client, server };
+async function socketPair(): ReturnType<typeof unixPair> {
+  return unixPair('kf');
 }
 
 /** Seeded PRNG (mulberry32). */

@@ -7,11 +7,10 @@
  *                max_gpa u64 @96 (104-byte form)
  *   tool → QEMU: struct_size u32 @0, cookie_hash u8[20] @4 (24 bytes)
  */
-import { createHash, randomBytes } from 'node:crypto';
-import { rm } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
 import net from 'node:net';
 
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 
 import { KvmiWireError, attachFraming } from '../src/framing.js';
 import {
@@ -21,39 +20,12 @@ import {
   uuidToText,
   type QemuHello,
 } from '../src/handshake.js';
+import { socketPair as unixPair } from './support/unix.js';
 
 // ---- helpers ----------------------------------------------------------------------------------
 
-const cleanups: Array<() => Promise<void>> = [];
-afterEach(async () => {
-  for (const c of cleanups.splice(0).reverse()) await c();
-});
-
-let counter = 0;
-async function socketPair(): Promise<{ client: net.Socket; server: net.Socket }> {
-  const path = `/tmp/kh-${process.pid}-${++counter}-${randomBytes(3).toString('hex')}.sock`;
-  const srv = net.createServer();
-  await new Promise<void>((resolve, reject) => {
-    srv.once('error', reject);
-    srv.listen(path, resolve);
-  });
-  const accepted = new Promise<net.Socket>((resolve) => srv.once('connection', resolve));
-  const client = net.createConnection(path);
-  await new Promise<void>((resolve, reject) => {
-    client.once('connect', resolve);
-    client.once('error', reject);
-  });
-  const server = await accepted;
-  // Tests provoke resets; a socket error must not crash the run (handshake code handles its own).
-  client.on('error', () => undefined);
-  server.on('error', () => undefined);
-  cleanups.push(async () => {
-    client.destroy();
-    server.destroy();
-    await new Promise<void>((resolve) => srv.close(() => resolve()));
-    await rm(path, { force: true });
-  });
-  return { client, server };
+async function socketPair(): ReturnType<typeof unixPair> {
+  return unixPair('kh', { quiet: true });
 }
 
 const sha1 = (b: Uint8Array): Buffer => createHash('sha1').update(b).digest();
