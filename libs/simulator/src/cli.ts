@@ -1,0 +1,183 @@
+/**
+ * `periscope sim`: run N simulated VMs (KVM + QEMU + guest) against an introspector's Unix socket.
+ * A live one-line status goes to stderr; on exit (SIGINT/SIGTERM, `--run-for`, or the caller's abort
+ * signal) every VM is shut down through PREUNHOOK and a JSON summary is printed on stdout.
+ */
+import { readFile } from 'node:fs/promises';
+
+import { defineSchema, formatDuration, loadConfig } from '@periscope/config';
+
+import { SimError } from './errors.js';
+import { Simulator, type SimStats } from './fleet.js';
+import { loadHostProfile, DEFAULT_HOST_PROFILE, type HostProfile } from './profile.js';
+
+export const simSchema = defineSchema({
+  options: {
+    introspector: { kind: 'path', required: true, description: "the introspector's Unix socket path (each VM's QEMU connects to it)" },
+    vms: { kind: 'integer', min: 1, max: 65535, default: 1, description: 'number of VMs' },
+    vcpus: { kind: 'integer', min: 1, max: 288, default: 1, description: 'vCPUs per VM' },
+    seed: { kind: 'integer', min: 0, max: 0xffffffff, default: 1, description: 'seed for vCPU jitter, uuids, tokens and padding noise' },
+    'pure-v12': { kind: 'boolean', description: 'behave as an upstream v12 kernel: no GET_MAP_TOKEN / VM_GET_MAX_GFN' },
+    handshake: { kind: 'enum', values: ['104', '96'], default: '104', description: 'QEMU handshake struct size: 104 (with max_gpa) or 96 (older QEMU)' },
+    'qemu-key-file': { kind: 'path', description: "QEMU's secret (raw file bytes); without it any cookie hash is accepted" },
+    'host-profile': { kind: 'path', description: 'host capability profile (JSON): singlestep, descriptorExits, userspaceBpDebug, tscScaling, ...' },
+    json: { kind: 'boolean', description: 'status updates as JSON lines on stderr instead of a redrawn line' },
+    'jitter-ms': { kind: 'integer', min: 0, max: 1000, default: 2, description: 'largest seeded delay before a vCPU runs a queued command' },
+    activity: { kind: 'integer', min: 0, max: 100000, default: 0, description: 'guest actions per vCPU per second (0 = idle guests)' },
+    'memory-mib': { kind: 'integer', min: 4, max: 1048576, default: 64, description: 'guest RAM per VM (sparse)' },
+    reconnect: { kind: 'duration', min: 1, default: '1s', description: "QEMU's chardev reconnect interval" },
+    'unhook-timeout': { kind: 'duration', min: 0, default: '60s', description: 'how long shutdown waits for the tool to close after PREUNHOOK' },
+    'status-interval': { kind: 'duration', min: 50, default: '1s', description: 'status line period' },
+    'run-for': { kind: 'duration', min: 1, description: 'shut down cleanly after this long (default: until SIGINT/SIGTERM)' },
+  },
+});
+
+export interface SimCliIo {
+  stdout(text: string): void;
+  stderr(text: string): void;
+  /** Aborting shuts the simulator down as SIGINT would (for embedding and tests). */
+  signal?: AbortSignal;
+  /** Listen for SIGINT/SIGTERM. Default true. */
+  handleSignals?: boolean;
+  /** Whether stderr is a terminal (a redrawn status line). Default `process.stderr.isTTY`. */
+  isTTY?: boolean;
+}
+
+const defaultIo: SimCliIo = {
+  stdout: (t) => void process.stdout.write(t),
+  stderr: (t) => void process.stderr.write(t),
+};
+
+class ExitRequest {
+  constructor(readonly code: number) {}
+}
+
+function statusLine(s: SimStats, eventsPerSecond: number): string {
+  return (
+    `sim: ${s.connected}/${s.vms} VMs connected · ${eventsPerSecond.toFixed(0)} events/s · ` +
+    `${s.stalledNow} stalled now (${s.stalls} stalls, max wait ${formatDuration(s.maxReplyWaitMs)}) · ` +
+    `${s.hardErrors} hard errors · ${s.handshakeFailures} handshake failures`
+  );
+}
+
+/** Run `periscope sim` with the arguments after the command name; resolves with the exit code. */
+export async function runSimCli(argv: readonly string[], io: SimCliIo = defaultIo): Promise<number> {
+  let cfg;
+  try {
+    cfg = loadConfig(simSchema, argv, process.env, {
+      command: 'periscope sim',
+      summary: 'Run simulated VMs (KVM kernel side of KVMI v12, QEMU, a minimal guest) against an introspector socket.',
+      io: { stdout: io.stdout, stderr: io.stderr, exit: (code: number): never => { throw new ExitRequest(code); } },
+    });
+  } catch (e) {
+    if (e instanceof ExitRequest) return e.code;
+    throw e;
+  }
+  const v = cfg.values;
+
+  let key: Uint8Array | undefined;
+  let profile: HostProfile = DEFAULT_HOST_PROFILE;
+  try {
+    if (v['qemu-key-file'] !== undefined) {
+      try {
+        key = await readFile(v['qemu-key-file']);
+      } catch (err) {
+        throw new SimError('bad-key-file', `--qemu-key-file ${v['qemu-key-file']}: ${(err as Error).message}`, { cause: err });
+      }
+    }
+    if (v['host-profile'] !== undefined) profile = await loadHostProfile(v['host-profile']);
+  } catch (err) {
+    io.stderr(`periscope sim: ${(err as Error).message}\n`);
+    return 2;
+  }
+
+  const json = v.json;
+  const isTTY = io.isTTY ?? (io === defaultIo && process.stderr.isTTY === true);
+  // One line per kind of message (VM names masked); repeats are counted, not printed.
+  const seen = new Map<string, number>();
+  const log = (line: string): void => {
+    const kind = line.replace(/sim-vm-\d+/g, 'sim-vm-*');
+    const n = seen.get(kind) ?? 0;
+    seen.set(kind, n + 1);
+    if (n === 0) io.stderr(`${isTTY ? '\r\x1b[K' : ''}periscope sim: ${line}\n`);
+  };
+  const sim = new Simulator({
+    introspector: v.introspector,
+    vms: v.vms,
+    vcpus: v.vcpus,
+    seed: v.seed,
+    pureV12: v['pure-v12'],
+    handshake: v.handshake === '96' ? 96 : 104,
+    ...(key ? { key } : {}),
+    profile,
+    jitterMs: v['jitter-ms'],
+    activity: v.activity,
+    memoryMiB: v['memory-mib'],
+    reconnectSeconds: v.reconnect / 1000,
+    unhookTimeoutMs: v['unhook-timeout'],
+    log,
+  });
+  try {
+    sim.start();
+  } catch (err) {
+    if (err instanceof SimError) {
+      io.stderr(`periscope sim: ${err.message}\n`);
+      return 1;
+    }
+    throw err;
+  }
+
+  let lastEvents = 0;
+  let lastAt = Date.now();
+  const status = setInterval(() => {
+    const s = sim.stats();
+    const now = Date.now();
+    const rate = ((s.eventsSent - lastEvents) * 1000) / Math.max(1, now - lastAt);
+    lastEvents = s.eventsSent;
+    lastAt = now;
+    if (json) io.stderr(`${JSON.stringify({ status: { ...s, eventsPerSecond: Math.round(rate) } })}\n`);
+    else io.stderr(isTTY ? `\r\x1b[K${statusLine(s, rate)}` : `${statusLine(s, rate)}\n`);
+  }, v['status-interval']);
+
+  let signals = 0;
+  let stop!: () => void;
+  const stopped = new Promise<void>((resolve) => (stop = resolve));
+  const onSignal = (): void => {
+    signals++;
+    if (signals === 1) {
+      io.stderr(`${isTTY ? '\r\x1b[K' : ''}periscope sim: shutting down (PREUNHOOK; again to stop at once)\n`);
+      stop();
+    } else {
+      for (const q of sim.qemus) q.stop();
+    }
+  };
+  const handleSignals = io.handleSignals ?? true;
+  if (handleSignals) {
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
+  }
+  const onAbort = (): void => onSignal();
+  io.signal?.addEventListener('abort', onAbort);
+  if (io.signal?.aborted) onSignal();
+  const runFor = v['run-for'];
+  const runTimer = runFor !== undefined ? setTimeout(stop, runFor) : undefined;
+
+  try {
+    await stopped;
+    clearInterval(status);
+    const summary = await sim.shutdown();
+    if (isTTY && !json) io.stderr('\r\x1b[K');
+    const repeats = [...seen.values()].reduce((a, n) => a + n - 1, 0);
+    if (repeats > 0) io.stderr(`periscope sim: ${repeats} similar log lines for other VMs were not shown\n`);
+    io.stdout(`${JSON.stringify(summary)}\n`);
+    return summary.internalErrors > 0 ? 1 : 0;
+  } finally {
+    clearInterval(status);
+    if (runTimer) clearTimeout(runTimer);
+    io.signal?.removeEventListener('abort', onAbort);
+    if (handleSignals) {
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
+    }
+  }
+}
