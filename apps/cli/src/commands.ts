@@ -11,8 +11,13 @@ export interface Subcommand {
   readonly run?: (argv: string[]) => Promise<number>;
 }
 
+import { runSimCli } from '@periscope/simulator';
+
+export const APPS: readonly Subcommand[] = [
+  { name: 'sim', summary: 'run simulated VMs (KVM + QEMU + guest) against an introspector socket', run: (argv) => runSimCli(argv) },
+];
+
 export const PLANNED: readonly Subcommand[] = [
-  { name: 'sim', summary: 'run the KVM + QEMU simulator against an introspector socket', plannedIn: '#4 Simulator, part 1' },
   { name: 'host-agent', summary: 'the per-host agent: terminate KVMI sockets, decide locally', plannedIn: '#6 Host agent, part 1' },
   { name: 'analysis', summary: 'the central analysis service', plannedIn: '#8 Analysis service, part 1' },
   { name: 'guest-agent', summary: 'the introspection-VM agent: /dev/kvmmem mapping and scanning', plannedIn: '#10 Guest agent' },

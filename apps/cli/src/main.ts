@@ -3,7 +3,7 @@
  */
 import { defineSchema, formatHelp, loadConfig } from '@periscope/config';
 import { KVMI_VERSION } from '@periscope/kvmi';
-import { PLANNED, type Subcommand } from './commands.js';
+import { APPS, PLANNED, type Subcommand } from './commands.js';
 import { readVersionInfo } from './version.js';
 
 export interface Io {
@@ -47,7 +47,7 @@ export function usage(commands: readonly Subcommand[]): string {
 const plannedSchema = defineSchema({ options: {} });
 
 export async function main(argv: string[], io: Io = stdio): Promise<number> {
-  const commands = [...builtin(io), ...PLANNED];
+  const commands = [...builtin(io), ...APPS, ...PLANNED];
   const [name, ...rest] = argv;
   if (name === undefined || name === '--help' || name === '-h' || name === 'help') {
     io.out(usage(commands));
@@ -65,7 +65,7 @@ export async function main(argv: string[], io: Io = stdio): Promise<number> {
     return 0;
   }
   io.err(`periscope ${cmd.name}: not built yet — ${cmd.summary}; arrives with issue ${cmd.plannedIn}.`);
-  io.err('Built so far: the workspace, service contracts, shared configuration and the KVMI v12 wire library (`npm test` exercises them).');
+  io.err('Built so far: the workspace, contracts, configuration, the KVMI v12 wire library and the simulator (`periscope sim --help`).');
   // `npm start` runs `periscope demo`: until the demo exists it reports what is missing and exits 0.
   return cmd.name === 'demo' ? 0 : 3;
 }

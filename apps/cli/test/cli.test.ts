@@ -39,8 +39,14 @@ describe('periscope CLI', () => {
     expect(await main(['host-agent'], c.io)).toBe(3);
     expect(c.err.join('\n')).toContain('not built yet');
     const h = capture();
-    expect(await main(['sim', '--help'], h.io)).toBe(0);
-    expect(h.out.join('\n')).toContain('periscope sim');
+    expect(await main(['analysis', '--help'], h.io)).toBe(0);
+    expect(h.out.join('\n')).toContain('periscope analysis');
+  });
+  it('sim --help is the simulator\'s own help, from the real process', () => {
+    const r = spawnSync(process.execPath, [join(root, 'bin/periscope'), 'sim', '--help'], { encoding: 'utf8' });
+    expect(r.status).toBe(0);
+    expect(r.stdout).toContain('--introspector');
+    expect(r.stdout).toContain('PERISCOPE_');
   });
   it('bin/periscope runs the built CLI as a real process', () => {
     if (!existsSync(join(root, 'apps/cli/dist/main.js'))) throw new Error('apps/cli is not built: run npm run build (npm test builds first)');
