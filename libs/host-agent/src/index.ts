@@ -1,0 +1,3 @@
+export { KvmiListener, ListenerError, type KvmiListenerOptions, type Log } from './kvmi-listener.js';
+export { VmConnection, EMPTY_PLAN, type Decide, type EventDecision, type ProtectionPlan, type VmInfo, type VmConnectionOptions } from './vm-connection.js';
+export { loadCookieFile, parseCookies, CookieFileError, type CookieLookup } from './cookies.js';

@@ -1,0 +1,346 @@
+/**
+ * One VM's KVMI connection in the host agent, from the accepted handshake to detach.
+ *
+ * Attach (kvmi-v12.md §11): the GET_VERSION written with the handshake reply, CHECK_COMMAND /
+ * CHECK_EVENT for every id the agent may use, VM_GET_INFO, VM_CONTROL_EVENTS(UNHOOK), the gfn limit,
+ * then the per-vCPU controls the protection needs — retrying vCPUs that answer EAGAIN until the guest
+ * brings them up. Events are answered by the `decide` callback (the local verdict engine) on the
+ * socket's own turn; a decision that needs guest state first (skip, inject) is answered after its
+ * commands complete, and the event stays "held" until then.
+ *
+ * Detach (on KVMI_VM_EVENT_UNHOOK, or for every VM on SIGTERM): restore planted bytes, reset every
+ * restricted GFN, disable events, reply to every held event, close — bounded by a deadline.
+ */
+import type { Socket } from 'node:net';
+import {
+  commands,
+  events,
+  EventAction,
+  KvmErrno,
+  KvmiCommandError,
+  KvmiError,
+  KvmiSession,
+  PageAccess,
+  structs,
+  type CommandKey,
+  type EventKey,
+  type QemuHello,
+  type VcpuEventView,
+} from '@periscope/kvmi';
+
+/** What the protection asks KVM for; derived from the local rules. */
+export interface ProtectionPlan {
+  vcpuEvents: EventKey[];
+  crs: number[];
+  msrs: number[];
+  /** Page restrictions: allowed access bits per page (gpa page-aligned). */
+  pageAccess: { gpa: bigint; access: number }[];
+}
+
+export const EMPTY_PLAN: ProtectionPlan = { vcpuEvents: [], crs: [], msrs: [], pageAccess: [] };
+
+/** A decision for one event. `newVal` is required for CR/MSR CONTINUE. */
+export type EventDecision =
+  | { kind: 'reply'; action: number; newVal?: bigint; ruleId?: string }
+  /** Answer later (the caller will call `vm.replyHeld(...)`); the vCPU stays held. */
+  | { kind: 'hold'; ruleId?: string };
+
+export type Decide = (view: VcpuEventView, vm: VmConnection) => EventDecision;
+
+export interface VmInfo {
+  uuid: string;
+  name: string;
+  startTimeMs: bigint;
+  /** Increments each time this uuid attaches to this agent. */
+  sessionGeneration: number;
+  version: number;
+  maxMsgSize: number;
+  singlestep: boolean;
+  vcpuCount: number;
+  allowedCommands: string[];
+  allowedEvents: string[];
+  gfnLimit: { value: bigint; source: 'handshake' | 'VM_GET_MAX_GFN' } | { value: null; source: 'unknown' };
+}
+
+export interface VmConnectionOptions {
+  hello: QemuHello;
+  socket: Socket;
+  sessionGeneration: number;
+  plan: ProtectionPlan;
+  decide: Decide;
+  log: (level: 'info' | 'warn' | 'error', msg: string, fields?: Record<string, unknown>) => void;
+  onDetached?: (vm: VmConnection, reason: string) => void;
+  /** Retry interval for vCPUs answering EAGAIN. Default 50 ms. */
+  eagainRetryMs?: number;
+  commandTimeoutMs?: number;
+}
+
+interface HeldEvent {
+  seq: number;
+  eventId: number;
+  /** CONTINUE default for releasing on detach: new_val for CR/MSR is the guest's proposed value. */
+  newVal: bigint | undefined;
+  since: bigint;
+}
+
+const CR_EVENT = events.CR.id;
+const MSR_EVENT = events.MSR.id;
+
+export class VmConnection {
+  readonly session: KvmiSession;
+  info: VmInfo | undefined;
+  readonly uuid: string;
+  private readonly held = new Map<number, HeldEvent>();
+  private readonly planted = new Map<bigint, Uint8Array>();
+  private readonly restricted = new Set<bigint>();
+  private readonly enabled = new Map<number, { events: Set<EventKey>; crs: Set<number>; msrs: Set<number> }>();
+  private detaching: Promise<void> | undefined;
+  private readonly pendingVcpus = new Set<number>();
+  private retryTimer: NodeJS.Timeout | undefined;
+  readonly stats = { events: 0, stallNsTotal: 0n, eventsByKind: new Map<number, number>() };
+  /** Called after each reply with the stall time (event received → reply written). */
+  onStall: ((ns: bigint, eventId: number, decision: EventDecision) => void) | undefined;
+
+  constructor(private readonly opts: VmConnectionOptions) {
+    this.uuid = opts.hello.uuidText;
+    this.session = new KvmiSession(opts.socket, {
+      leftover: opts.hello.leftover,
+      firstSeq: 2,
+      commandTimeoutMs: opts.commandTimeoutMs ?? 5000,
+      onVcpuEvent: (view) => this.onEvent(view),
+      onVmEvent: () => {
+        this.opts.log('info', 'KVMI_VM_EVENT_UNHOOK received: detaching', { vm: this.uuid });
+        void this.detach('unhook');
+      },
+      onEventReplyError: (seq, errno) => this.opts.log('warn', 'KVM refused an event reply', { vm: this.uuid, seq, errno }),
+      onError: (err) => this.opts.log('error', `KVMI protocol error: ${err.message}`, { vm: this.uuid, code: err.code }),
+      onClose: () => {
+        if (this.retryTimer) clearTimeout(this.retryTimer);
+        this.held.clear();
+        this.opts.onDetached?.(this, this.detaching ? 'detached' : 'connection closed');
+      },
+    });
+  }
+
+  get heldCount(): number {
+    return this.held.size;
+  }
+
+  /** The attach sequence. Resolves with the VM's info; rejects (and closes) if the VM cannot be used. */
+  async attach(): Promise<VmInfo> {
+    const s = this.session;
+    const v = await s.adoptRequest('GET_VERSION', 1);
+    if (!v.ok) throw new KvmiCommandError('KVMI_GET_VERSION', v.errno, 'GET_VERSION failed');
+    if (v.value.version < 1) throw new KvmiError('bad-value', `KVMI version ${v.value.version} < 1`, true);
+    const allowedCommands: string[] = [];
+    for (const key of Object.keys(commands) as CommandKey[]) {
+      const def = commands[key];
+      if (def.alwaysAllowed) {
+        allowedCommands.push(key);
+        continue;
+      }
+      const r = await s.tryRequest('VM_CHECK_COMMAND', { id: def.id });
+      if (r.ok) allowedCommands.push(key);
+    }
+    const allowedEvents: string[] = [];
+    for (const key of Object.keys(events) as EventKey[]) {
+      const r = await s.tryRequest('VM_CHECK_EVENT', { id: events[key].id });
+      if (r.ok) allowedEvents.push(key);
+    }
+    const can = (k: CommandKey) => allowedCommands.includes(k);
+    if (!can('VM_GET_INFO')) throw new KvmiError('bad-value', 'VM_GET_INFO is not allowed: cannot learn the vCPU count', true);
+    const { vcpu_count } = await s.request('VM_GET_INFO', {});
+    if (can('VM_CONTROL_EVENTS') && allowedEvents.includes('UNHOOK')) {
+      await s.request('VM_CONTROL_EVENTS', { event_id: events.UNHOOK.id, enable: 1 });
+    } else {
+      this.opts.log('warn', 'UNHOOK event not available: the agent will not hear about migrations/shutdown in advance', { vm: this.uuid });
+    }
+    let gfnLimit: VmInfo['gfnLimit'] = { value: null, source: 'unknown' };
+    if (this.opts.hello.maxGpa !== undefined) gfnLimit = { value: (this.opts.hello.maxGpa >> 12n) + 1n, source: 'handshake' };
+    else if (can('VM_GET_MAX_GFN')) {
+      const g = await s.tryRequest('VM_GET_MAX_GFN', {});
+      if (g.ok) gfnLimit = { value: g.value.gfn, source: 'VM_GET_MAX_GFN' };
+    }
+    if (gfnLimit.source === 'unknown') this.opts.log('warn', 'gfn limit unknown (no max_gpa in the handshake, no VM_GET_MAX_GFN)', { vm: this.uuid });
+    this.info = {
+      uuid: this.uuid,
+      name: this.opts.hello.name,
+      startTimeMs: this.opts.hello.startTimeMs,
+      sessionGeneration: this.opts.sessionGeneration,
+      version: v.value.version,
+      maxMsgSize: v.value.max_msg_size,
+      singlestep: v.value.features.singlestep === 1,
+      vcpuCount: vcpu_count,
+      allowedCommands,
+      allowedEvents,
+      gfnLimit,
+    };
+    await this.applyPageAccess(this.opts.plan.pageAccess);
+    for (let i = 0; i < vcpu_count; i++) this.pendingVcpus.add(i);
+    await this.protectPendingVcpus();
+    return this.info;
+  }
+
+  /** vCPUs whose controls are not applied yet (not brought up by the guest: EAGAIN). */
+  get vcpusPending(): number[] {
+    return [...this.pendingVcpus];
+  }
+
+  private async protectPendingVcpus(): Promise<void> {
+    for (const vcpu of [...this.pendingVcpus]) {
+      try {
+        await this.protectVcpu(vcpu);
+        this.pendingVcpus.delete(vcpu);
+      } catch (e) {
+        if (e instanceof KvmiCommandError && e.errno === KvmErrno.EAGAIN) continue;
+        throw e;
+      }
+    }
+    if (this.pendingVcpus.size > 0 && !this.session.isClosed && !this.detaching) {
+      this.retryTimer = setTimeout(() => {
+        this.protectPendingVcpus().catch((e: unknown) => this.opts.log('error', `protecting vCPUs failed: ${(e as Error).message}`, { vm: this.uuid }));
+      }, this.opts.eagainRetryMs ?? 50);
+    }
+  }
+
+  private async protectVcpu(vcpu: number): Promise<void> {
+    const s = this.session;
+    const plan = this.opts.plan;
+    const state = this.enabled.get(vcpu) ?? { events: new Set<EventKey>(), crs: new Set<number>(), msrs: new Set<number>() };
+    this.enabled.set(vcpu, state);
+    for (const ev of plan.vcpuEvents) {
+      if (state.events.has(ev) || events[ev].enable !== 'vcpu-control-events') continue;
+      await s.request('VCPU_CONTROL_EVENTS', { vcpu, event_id: events[ev].id, enable: 1 });
+      state.events.add(ev);
+    }
+    for (const cr of plan.crs) {
+      if (state.crs.has(cr)) continue;
+      await s.request('VCPU_CONTROL_CR', { vcpu, cr, enable: 1 });
+      state.crs.add(cr);
+    }
+    for (const msr of plan.msrs) {
+      if (state.msrs.has(msr)) continue;
+      await s.request('VCPU_CONTROL_MSR', { vcpu, msr, enable: 1 });
+      state.msrs.add(msr);
+    }
+  }
+
+  /** Restrict (or release, with access 7) pages; remembers what to reset on detach. */
+  async applyPageAccess(entries: { gpa: bigint; access: number }[]): Promise<void> {
+    for (let i = 0; i < entries.length; i += 511) {
+      const chunk = entries.slice(i, i + 511);
+      await this.session.request('VM_SET_PAGE_ACCESS', { entries: chunk });
+      for (const e of chunk) {
+        const page = e.gpa & ~0xfffn;
+        if (e.access === PageAccess.RWX) this.restricted.delete(page);
+        else this.restricted.add(page);
+      }
+    }
+  }
+
+  /** Write guest memory, remembering the original bytes so detach can restore them exactly. */
+  async plant(gpa: bigint, data: Uint8Array): Promise<void> {
+    if (!this.planted.has(gpa)) {
+      const orig = await this.session.request('VM_READ_PHYSICAL', { gpa, size: data.length });
+      this.planted.set(gpa, orig.data);
+    }
+    await this.session.request('VM_WRITE_PHYSICAL', { gpa, data });
+  }
+
+  /** Restore planted bytes at one address (e.g. `trace stop`). */
+  async unplant(gpa: bigint): Promise<void> {
+    const orig = this.planted.get(gpa);
+    if (!orig) return;
+    await this.session.request('VM_WRITE_PHYSICAL', { gpa, data: orig });
+    this.planted.delete(gpa);
+  }
+
+  private onEvent(view: VcpuEventView): void {
+    const t0 = process.hrtime.bigint();
+    this.stats.events++;
+    this.stats.eventsByKind.set(view.eventId, (this.stats.eventsByKind.get(view.eventId) ?? 0) + 1);
+    if (this.detaching) {
+      // Release anything that arrives while detaching, as CONTINUE with the guest's own value.
+      this.replyContinue(view);
+      return;
+    }
+    let decision: EventDecision;
+    try {
+      decision = this.opts.decide(view, this);
+    } catch (e) {
+      this.opts.log('error', `verdict failed, answering CONTINUE: ${(e as Error).message}`, { vm: this.uuid, event: view.eventId });
+      decision = { kind: 'reply', action: EventAction.CONTINUE };
+      this.replyContinue(view);
+      this.recordStall(t0, view.eventId, decision);
+      return;
+    }
+    if (decision.kind === 'hold') {
+      this.held.set(view.vcpu, { seq: view.seq, eventId: view.eventId, newVal: proposedValue(view), since: t0 });
+      return;
+    }
+    this.session.replyToEvent(view.seq, view.vcpu, view.eventId, decision.action, decision.newVal);
+    this.recordStall(t0, view.eventId, decision);
+  }
+
+  /** Answer an event previously held. */
+  replyHeld(vcpu: number, action: number, newVal?: bigint): boolean {
+    const h = this.held.get(vcpu);
+    if (!h) return false;
+    this.held.delete(vcpu);
+    this.session.replyToEvent(h.seq, vcpu, h.eventId, action, newVal);
+    this.recordStall(h.since, h.eventId, { kind: 'reply', action, ...(newVal !== undefined ? { newVal } : {}) });
+    return true;
+  }
+
+  private replyContinue(view: VcpuEventView): void {
+    this.session.replyToEvent(view.seq, view.vcpu, view.eventId, EventAction.CONTINUE, proposedValue(view));
+  }
+
+  private recordStall(t0: bigint, eventId: number, decision: EventDecision): void {
+    const ns = process.hrtime.bigint() - t0;
+    this.stats.stallNsTotal += ns;
+    this.onStall?.(ns, eventId, decision);
+  }
+
+  /**
+   * Leave the guest exactly as found: restore planted bytes, reset restricted pages, disable events,
+   * release held events, close. Bounded by `deadlineMs` (default 1000); the socket is closed at the
+   * deadline whatever remains (KVM then releases waiting vCPUs as CONTINUE, §8).
+   */
+  detach(reason: string, deadlineMs = 1000): Promise<void> {
+    if (this.detaching) return this.detaching;
+    this.opts.log('info', `detaching: ${reason}`, { vm: this.uuid });
+    if (this.retryTimer) clearTimeout(this.retryTimer);
+    const work = (async () => {
+      const s = this.session;
+      // Held events first: a vCPU waiting on us must not wait for the cleanup.
+      for (const [vcpu, h] of [...this.held]) {
+        this.held.delete(vcpu);
+        s.replyToEvent(h.seq, vcpu, h.eventId, EventAction.CONTINUE, h.newVal);
+      }
+      for (const gpa of [...this.planted.keys()]) await this.unplant(gpa);
+      if (this.restricted.size > 0) await this.applyPageAccess([...this.restricted].map((gpa) => ({ gpa, access: PageAccess.RWX })));
+      for (const [vcpu, st] of this.enabled) {
+        for (const msr of st.msrs) await s.request('VCPU_CONTROL_MSR', { vcpu, msr, enable: 0 });
+        for (const cr of st.crs) await s.request('VCPU_CONTROL_CR', { vcpu, cr, enable: 0 });
+        for (const ev of st.events) await s.request('VCPU_CONTROL_EVENTS', { vcpu, event_id: events[ev].id, enable: 0 });
+      }
+      this.enabled.clear();
+    })();
+    const deadline = new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), deadlineMs).unref());
+    this.detaching = Promise.race([work.then(() => 'done' as const), deadline])
+      .then((outcome) => {
+        if (outcome === 'timeout') this.opts.log('warn', `detach did not finish within ${deadlineMs} ms; closing anyway`, { vm: this.uuid });
+      })
+      .catch((e: unknown) => this.opts.log('warn', `detach cleanup failed: ${(e as Error).message}`, { vm: this.uuid }))
+      .finally(() => this.session.close());
+    return this.detaching;
+  }
+}
+
+/** The value the guest proposed, for CONTINUE replies that must not change it (CR/MSR). */
+function proposedValue(view: VcpuEventView): bigint | undefined {
+  if (view.eventId === CR_EVENT) return view.specificU64(structs.kvmi_vcpu_event_cr, 'new_value');
+  if (view.eventId === MSR_EVENT) return view.specificU64(structs.kvmi_vcpu_event_msr, 'new_value');
+  return undefined;
+}

@@ -1,0 +1,153 @@
+/**
+ * The host agent's KVMI side against the simulator, over real Unix sockets: handshake (both forms,
+ * keyed QEMU refusing a wrong secret), attach, local CR denials, detach restoring the guest exactly.
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { EventAction, events, structs } from '@periscope/kvmi';
+import { SimQemu, SimVm } from '@periscope/simulator';
+import { KvmiListener, parseCookies, type Decide, type ProtectionPlan, type VmConnection } from '../src/index.js';
+
+const CR0_WP = 1n << 16n;
+const CR4_SMEP = 1n << 20n;
+
+const cleanups: (() => Promise<void> | void)[] = [];
+afterEach(async () => {
+  while (cleanups.length) await cleanups.pop()!();
+});
+
+/** A minimal local rule for the test: deny clearing CR0.WP / CR4.SMEP by keeping the old value. */
+const denyPinnedClears: Decide = (view) => {
+  if (view.eventId === events.CR.id) {
+    const cr = view.specificUint(structs.kvmi_vcpu_event_cr, 'cr');
+    const oldV = view.specificU64(structs.kvmi_vcpu_event_cr, 'old_value');
+    const newV = view.specificU64(structs.kvmi_vcpu_event_cr, 'new_value');
+    const pinned = cr === 0 ? CR0_WP : cr === 4 ? CR4_SMEP : 0n;
+    if ((oldV & pinned) !== 0n && (newV & pinned) === 0n) return { kind: 'reply', action: EventAction.CONTINUE, newVal: oldV, ruleId: 'pin' };
+    return { kind: 'reply', action: EventAction.CONTINUE, newVal: newV };
+  }
+  return { kind: 'reply', action: EventAction.CONTINUE };
+};
+
+const plan: ProtectionPlan = { vcpuEvents: ['CR', 'MSR', 'PF'], crs: [0, 4], msrs: [0xc0000082], pageAccess: [] };
+
+async function startAgent(opts: { secret: string; plan?: ProtectionPlan }) {
+  const dir = mkdtempSync(join(tmpdir(), 'ha-'));
+  const path = join(dir, 'kvmi.sock');
+  const logs: string[] = [];
+  const attached: VmConnection[] = [];
+  const listener = new KvmiListener({
+    paths: [path],
+    cookies: parseCookies(Buffer.from(opts.secret)),
+    plan: opts.plan ?? plan,
+    decide: denyPinnedClears,
+    log: (level, msg) => logs.push(`${level}: ${msg}`),
+    onAttached: (vm) => attached.push(vm),
+  });
+  await listener.start();
+  cleanups.push(async () => {
+    await listener.stop(200);
+    rmSync(dir, { recursive: true, force: true });
+  });
+  return { listener, path, logs, attached };
+}
+
+async function until(cond: () => boolean, ms = 5000): Promise<void> {
+  const t0 = Date.now();
+  while (!cond()) {
+    if (Date.now() - t0 > ms) throw new Error('timed out waiting');
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+describe('host agent ↔ simulator', () => {
+  it.each([96, 104] as const)('attaches through the %i-byte handshake and learns the VM', async (form) => {
+    const agent = await startAgent({ secret: 'fleet-secret' });
+    const vm = new SimVm({ vcpus: 2, seed: 3, apsOnline: true, name: `vm-${form}` });
+    const qemu = new SimQemu(vm, { path: agent.path, handshake: form, key: Buffer.from('fleet-secret'), reconnectSeconds: 0.05 });
+    cleanups.push(() => qemu.stop());
+    qemu.start();
+    await until(() => agent.attached.length === 1);
+    const info = agent.attached[0]!.info!;
+    expect(info).toMatchObject({ name: `vm-${form}`, version: 1, vcpuCount: 2, sessionGeneration: 1 });
+    expect(info.gfnLimit.source).toBe(form === 104 ? 'handshake' : 'VM_GET_MAX_GFN');
+    expect(info.allowedCommands).toContain('VCPU_CONTROL_CR');
+    expect(vm.currentHook?.unhookEventEnabled).toBe(true);
+  });
+
+  it('a keyed QEMU refuses a wrong secret; the agent logs it and other VMs are unaffected', async () => {
+    const agent = await startAgent({ secret: 'right' });
+    const bad = new SimVm({ vcpus: 1, seed: 1, name: 'bad' });
+    const good = new SimVm({ vcpus: 1, seed: 2, name: 'good' });
+    const qBad = new SimQemu(bad, { path: agent.path, key: Buffer.from('wrong'), reconnectSeconds: 10 });
+    const qGood = new SimQemu(good, { path: agent.path, key: Buffer.from('right'), reconnectSeconds: 10 });
+    cleanups.push(() => qBad.stop(), () => qGood.stop());
+    qBad.start();
+    qGood.start();
+    await until(() => agent.attached.length === 1 && agent.listener.counters.handshakeRefusedByQemu === 1);
+    expect(agent.logs).toContain('warn: handshake refused by QEMU (cookie?)');
+    expect(bad.hooked).toBe(false);
+    expect(agent.attached[0]!.info!.name).toBe('good');
+  });
+
+  it('denies clearing CR0.WP and CR4.SMEP locally: the bits stay set in the guest', async () => {
+    const agent = await startAgent({ secret: 's' });
+    const vm = new SimVm({ vcpus: 1, seed: 5 });
+    const qemu = new SimQemu(vm, { path: agent.path, key: Buffer.from('s'), reconnectSeconds: 10 });
+    cleanups.push(() => qemu.stop());
+    qemu.start();
+    await until(() => agent.attached.length === 1 && agent.attached[0]!.vcpusPending.length === 0);
+    const cpu = vm.vcpus[0]!;
+    const cr0 = cpu.cpu.sregs.cr0;
+    expect(cr0 & CR0_WP).toBe(CR0_WP);
+    const r = await cpu.writeCr(0, cr0 & ~CR0_WP);
+    expect(r.outcome).toBe('completed');
+    expect(r.events.map((e) => e.event)).toEqual(['CR']);
+    expect(cpu.cpu.sregs.cr0).toBe(cr0);
+    const cr4 = cpu.cpu.sregs.cr4 | CR4_SMEP;
+    await cpu.writeCr(4, cr4);
+    await cpu.writeCr(4, cr4 & ~CR4_SMEP);
+    expect(cpu.cpu.sregs.cr4 & CR4_SMEP).toBe(CR4_SMEP);
+    // An unrelated CR4 change is allowed through with the guest's own value.
+    await cpu.writeCr(4, cr4 | (1n << 7n));
+    expect(cpu.cpu.sregs.cr4).toBe(cr4 | (1n << 7n));
+  });
+
+  it('detach on UNHOOK restores planted bytes, resets page access and interceptions, and closes', async () => {
+    const agent = await startAgent({ secret: 's', plan: { ...plan, pageAccess: [{ gpa: 0x200000n, access: 5 }] } });
+    const vm = new SimVm({ vcpus: 2, seed: 9, apsOnline: true });
+    const qemu = new SimQemu(vm, { path: agent.path, key: Buffer.from('s'), reconnectSeconds: 10, unhookTimeoutMs: 3000 });
+    cleanups.push(() => qemu.stop());
+    qemu.start();
+    await until(() => agent.attached.length === 1 && agent.attached[0]!.vcpusPending.length === 0);
+    const conn = agent.attached[0]!;
+    const before = Buffer.from(vm.memory.read(0x300000n, 16));
+    await conn.plant(0x300000n, new Uint8Array([0xcc]));
+    expect(vm.memory.read(0x300000n, 1)[0]).toBe(0xcc);
+    expect(vm.restrictions.size).toBe(1);
+    expect(vm.vcpus[0]!.enabledEvents.length).toBeGreaterThan(0);
+    expect(vm.vcpus[0]!.interceptions.msrs.size).toBe(1);
+    // Snapshot the guest when the agent closes the socket, before QEMU's UNHOOK cleans up after it:
+    // what we see here is the agent's own cleanup.
+    let atClose: { memory: Buffer; restrictions: number; events: number[][]; msrs: number[] } | undefined;
+    vm.once('connection-lost', () => {
+      atClose = {
+        memory: Buffer.from(vm.memory.read(0x300000n, 16)),
+        restrictions: vm.restrictions.size,
+        events: vm.vcpus.map((v) => v.enabledEvents),
+        msrs: vm.vcpus.map((v) => v.interceptions.msrs.size),
+      };
+    });
+    const t0 = Date.now();
+    await qemu.shutdown();
+    await until(() => conn.session.isClosed);
+    expect(Date.now() - t0).toBeLessThan(1000);
+    expect(atClose).toBeDefined();
+    expect(atClose!.memory.equals(before)).toBe(true);
+    expect(atClose!.restrictions).toBe(0);
+    expect(atClose!.events).toEqual([[], []]);
+    expect(atClose!.msrs).toEqual([0, 0]);
+  });
+});
