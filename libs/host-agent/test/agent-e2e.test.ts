@@ -123,9 +123,9 @@ describe('host agent ↔ simulator', () => {
     qemu.start();
     await until(() => agent.attached.length === 1 && agent.attached[0]!.vcpusPending.length === 0);
     const conn = agent.attached[0]!;
-    const before = Buffer.from(vm.memory.read(0x300000n, 16));
+    const before = Buffer.from(vm.memory.read(0x300000n, 16)!);
     await conn.plant(0x300000n, new Uint8Array([0xcc]));
-    expect(vm.memory.read(0x300000n, 1)[0]).toBe(0xcc);
+    expect(vm.memory.read(0x300000n, 1)![0]).toBe(0xcc);
     expect(vm.restrictions.size).toBe(1);
     expect(vm.vcpus[0]!.enabledEvents.length).toBeGreaterThan(0);
     expect(vm.vcpus[0]!.interceptions.msrs.size).toBe(1);
@@ -134,7 +134,7 @@ describe('host agent ↔ simulator', () => {
     let atClose: { memory: Buffer; restrictions: number; events: number[][]; msrs: number[] } | undefined;
     vm.once('connection-lost', () => {
       atClose = {
-        memory: Buffer.from(vm.memory.read(0x300000n, 16)),
+        memory: Buffer.from(vm.memory.read(0x300000n, 16)!),
         restrictions: vm.restrictions.size,
         events: vm.vcpus.map((v) => v.enabledEvents),
         msrs: vm.vcpus.map((v) => v.interceptions.msrs.size),
