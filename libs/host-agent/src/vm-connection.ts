@@ -12,6 +12,7 @@
  * restricted GFN, disable events, reply to every held event, close — bounded by a deadline.
  */
 import type { Socket } from 'node:net';
+import { skipInstruction } from './instruction-skip.js';
 import {
   commands,
   events,
@@ -23,6 +24,7 @@ import {
   PageAccess,
   structs,
   type CommandKey,
+  type DecodedEvent,
   type EventKey,
   type QemuHello,
   type VcpuEventView,
@@ -43,7 +45,14 @@ export const EMPTY_PLAN: ProtectionPlan = { vcpuEvents: [], crs: [], msrs: [], p
 export type EventDecision =
   | { kind: 'reply'; action: number; newVal?: bigint; ruleId?: string }
   /** Answer later (the caller will call `vm.replyHeld(...)`); the vCPU stays held. */
-  | { kind: 'hold'; ruleId?: string };
+  | { kind: 'hold'; ruleId?: string }
+  /**
+   * Deny a PF write / descriptor load by skipping the instruction: decode at RIP, SET_REGISTERS with
+   * RIP advanced, RETRY. If that fails, answer `fallback` (logged and counted).
+   */
+  | { kind: 'skip'; ruleId?: string; fallback: number }
+  /** Inject an exception while the vCPU waits, then answer `then` (RETRY for a denied PF execute). */
+  | { kind: 'inject'; ruleId?: string; vector: number; errorCode: number; address: bigint; then: number };
 
 export type Decide = (view: VcpuEventView, vm: VmConnection) => EventDecision;
 
@@ -97,7 +106,7 @@ export class VmConnection {
   private detaching: Promise<void> | undefined;
   private readonly pendingVcpus = new Set<number>();
   private retryTimer: NodeJS.Timeout | undefined;
-  readonly stats = { events: 0, stallNsTotal: 0n, eventsByKind: new Map<number, number>() };
+  readonly stats = { events: 0, stallNsTotal: 0n, eventsByKind: new Map<number, number>(), skips: 0, skipFailures: 0 };
   /** Called after each reply with the stall time (event received → reply written). */
   onStall: ((ns: bigint, eventId: number, decision: EventDecision) => void) | undefined;
 
@@ -274,12 +283,38 @@ export class VmConnection {
       this.recordStall(t0, view.eventId, decision);
       return;
     }
-    if (decision.kind === 'hold') {
+    if (decision.kind !== 'reply') {
       this.held.set(view.vcpu, { seq: view.seq, eventId: view.eventId, newVal: proposedValue(view), since: t0 });
+      if (decision.kind === 'skip') this.runSkip(this.session.copyEvent(view), decision);
+      else if (decision.kind === 'inject') this.runInject(view.vcpu, decision);
       return;
     }
     this.session.replyToEvent(view.seq, view.vcpu, view.eventId, decision.action, decision.newVal);
     this.recordStall(t0, view.eventId, decision);
+  }
+
+  private runSkip(e: DecodedEvent, decision: Extract<EventDecision, { kind: 'skip' }>): void {
+    if (e.kind !== 'vcpu-event') return;
+    skipInstruction(this.session, e.vcpu, e.arch.mode, e.arch.regs, e.arch.sregs.cs.base)
+      .then(() => {
+        this.stats.skips++;
+        this.replyHeld(e.vcpu, EventAction.RETRY);
+      })
+      .catch((err: unknown) => {
+        this.stats.skipFailures++;
+        this.opts.log('warn', `cannot skip the instruction at RIP; answering the fallback action: ${(err as Error).message}`, { vm: this.uuid, vcpu: e.vcpu, rule: decision.ruleId });
+        this.replyHeld(e.vcpu, decision.fallback, proposedFromHeld(this.held.get(e.vcpu)));
+      });
+  }
+
+  private runInject(vcpu: number, d: Extract<EventDecision, { kind: 'inject' }>): void {
+    this.session
+      .request('VCPU_INJECT_EXCEPTION', { vcpu, nr: d.vector, error_code: d.errorCode, address: d.address })
+      .then(() => this.replyHeld(vcpu, d.then))
+      .catch((err: unknown) => {
+        this.opts.log('warn', `injection failed; answering CONTINUE: ${(err as Error).message}`, { vm: this.uuid, vcpu, rule: d.ruleId });
+        this.replyHeld(vcpu, EventAction.CONTINUE, proposedFromHeld(this.held.get(vcpu)));
+      });
   }
 
   /** Answer an event previously held. */
@@ -336,6 +371,10 @@ export class VmConnection {
       .finally(() => this.session.close());
     return this.detaching;
   }
+}
+
+function proposedFromHeld(h: HeldEvent | undefined): bigint | undefined {
+  return h?.newVal;
 }
 
 /** The value the guest proposed, for CONTINUE replies that must not change it (CR/MSR). */

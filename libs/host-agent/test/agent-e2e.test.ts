@@ -151,3 +151,46 @@ describe('host agent ↔ simulator', () => {
     expect(atClose!.msrs).toEqual([0, 0]);
   });
 });
+
+describe('host agent: denying a kernel write by skipping the instruction', () => {
+  it('decodes the instruction at RIP (iced-x86), moves RIP past it with SET_REGISTERS and answers RETRY; the bytes never change', async () => {
+    const KERNEL_BASE = 0xffffffff80000000n;
+    const TEXT = 0x400000n; // guest-physical "kernel text" page, mapped at KERNEL_BASE + TEXT
+    const CODE = 0x500000n; // where the writing instruction lives
+    const skipWrites: Decide = (view) =>
+      view.eventId === events.PF.id ? { kind: 'skip', fallback: EventAction.CONTINUE, ruleId: 'text-write' } : { kind: 'reply', action: EventAction.CONTINUE };
+    const dir = mkdtempSync(join(tmpdir(), 'ha-'));
+    const path = join(dir, 'k.sock');
+    const attached: VmConnection[] = [];
+    const listener = new KvmiListener({
+      paths: [path],
+      cookies: parseCookies(Buffer.from('s')),
+      plan: { vcpuEvents: ['PF'], crs: [], msrs: [], pageAccess: [{ gpa: TEXT, access: 5 }] }, // R+X: no writes
+      decide: skipWrites,
+      log: () => undefined,
+      onAttached: (vm) => attached.push(vm),
+    });
+    await listener.start();
+    const vm = new SimVm({ vcpus: 1, seed: 4 });
+    const qemu = new SimQemu(vm, { path, key: Buffer.from('s'), reconnectSeconds: 10 });
+    cleanups.push(async () => {
+      qemu.stop();
+      await listener.stop(200);
+      rmSync(dir, { recursive: true, force: true });
+    });
+    qemu.start();
+    await until(() => attached.length === 1 && attached[0]!.vcpusPending.length === 0);
+    // mov [rdi], rax — 48 89 07, 3 bytes (Intel SDM: REX.W 89 /r, ModRM 00 000 111), at RIP.
+    vm.memory.write(CODE, Buffer.from([0x48, 0x89, 0x07, 0x90]));
+    const cpu = vm.vcpus[0]!;
+    cpu.cpu.regs.rip = KERNEL_BASE + CODE;
+    cpu.cpu.regs.rdi = KERNEL_BASE + TEXT + 0x10n;
+    const before = Buffer.from(vm.memory.read(TEXT, 32)!);
+    const r = await cpu.access({ gva: KERNEL_BASE + TEXT + 0x10n }, 'w', { data: Buffer.alloc(8, 0xee) });
+    expect(r.events.map((e) => e.event)).toEqual(['PF']);
+    expect(r.outcome).toBe('retry');
+    expect(cpu.cpu.regs.rip).toBe(KERNEL_BASE + CODE + 3n);
+    expect(Buffer.from(vm.memory.read(TEXT, 32)!).equals(before)).toBe(true);
+    expect(attached[0]!.stats.skips).toBe(1);
+  });
+});
