@@ -319,7 +319,7 @@ export function decodeEvent(frame: Buffer): DecodedEvent {
  * the layouts. The frame must stay untouched while the view is used.
  */
 export class VcpuEventView {
-  private frame: Buffer = Buffer.alloc(0);
+  private frame_: Buffer = Buffer.alloc(0);
   private specific = 0;
   seq = 0;
   eventId = 0;
@@ -344,26 +344,33 @@ export class VcpuEventView {
     if (!def || def.scope !== 'vcpu') return false;
     const specific = KVMI_MSG_HDR_SIZE + EVENT_HDR_SIZE + common;
     if (def.payload && specific + def.payload.size > KVMI_MSG_HDR_SIZE + size) return false;
-    this.frame = frame;
+    this.frame_ = frame;
     this.seq = frameSeq(frame);
     this.eventId = eventId;
     this.vcpu = frame.readUInt16LE(KVMI_MSG_HDR_SIZE + VCPU_EVENT_VCPU_OFF);
     this.specific = specific;
     return true;
   }
+  /**
+   * The whole frame the view reads (header included), for readers that compare fields in place, e.g.
+   * as two u32 halves to avoid a bigint per field. Valid only as long as the view is.
+   */
+  get frame(): Buffer {
+    return this.frame_;
+  }
   get mode(): number {
-    return this.frame[VcpuEventView.modeOff]!;
+    return this.frame_[VcpuEventView.modeOff]!;
   }
   /** A `kvm_regs` field by name, e.g. `reg('rip')`. */
   reg(name: keyof S.KvmRegs): bigint {
-    return this.frame.readBigUInt64LE(VcpuEventView.regsOff + S.kvm_regs.field(name).offset);
+    return this.frame_.readBigUInt64LE(VcpuEventView.regsOff + S.kvm_regs.field(name).offset);
   }
   /** A u64 field of `kvm_sregs` (cr0, cr3, cr4, efer, ...). */
   sreg(name: 'cr0' | 'cr2' | 'cr3' | 'cr4' | 'cr8' | 'efer' | 'apic_base'): bigint {
-    return this.frame.readBigUInt64LE(VcpuEventView.sregsOff + SREG_OFFSETS[name]);
+    return this.frame_.readBigUInt64LE(VcpuEventView.sregsOff + SREG_OFFSETS[name]);
   }
   msr(name: keyof S.EventArchMsrs): bigint {
-    return this.frame.readBigUInt64LE(VcpuEventView.msrsOff + S.kvmi_vcpu_event_arch_msrs.field(name).offset);
+    return this.frame_.readBigUInt64LE(VcpuEventView.msrsOff + S.kvmi_vcpu_event_arch_msrs.field(name).offset);
   }
   /** Absolute offset of the event-specific struct in the frame. */
   get specificOffset(): number {
@@ -371,12 +378,12 @@ export class VcpuEventView {
   }
   /** Read a u8/u16/u32 or u64 field of the event-specific struct (by its layout). */
   specificU64(layout: Layout<unknown>, field: string): bigint {
-    return this.frame.readBigUInt64LE(this.specific + layout.field(field).offset);
+    return this.frame_.readBigUInt64LE(this.specific + layout.field(field).offset);
   }
   specificUint(layout: Layout<unknown>, field: string): number {
     const f = layout.field(field);
     const at = this.specific + f.offset;
-    return f.size === 1 ? this.frame[at]! : f.size === 2 ? this.frame.readUInt16LE(at) : this.frame.readUInt32LE(at);
+    return f.size === 1 ? this.frame_[at]! : f.size === 2 ? this.frame_.readUInt16LE(at) : this.frame_.readUInt32LE(at);
   }
 }
 const SREG_OFFSETS = {

@@ -142,7 +142,7 @@ export class KvmiSession {
 
   /** Decode the event the view points at into owned objects (for handlers that answer later). */
   copyEvent(view: VcpuEventView): DecodedEvent {
-    return decodeEvent(Buffer.from(viewFrame(view)));
+    return decodeEvent(Buffer.from(view.frame));
   }
 
   /** Close the socket (the way a tool ends a session after UNHOOK). */
@@ -176,12 +176,7 @@ export class KvmiSession {
         }
         return;
       }
-      frames.set(this.view, frame);
-      try {
-        this.handlers.onVcpuEvent?.(this.view, this);
-      } finally {
-        frames.delete(this.view);
-      }
+      this.handlers.onVcpuEvent?.(this.view, this);
       return;
     }
     if (id === KVMI_VM_EVENT) {
@@ -230,12 +225,4 @@ export class KvmiSession {
 
 function pendingKey(id: number, seq: number): number {
   return id * 0x100000000 + seq;
-}
-
-// The frame behind the view, only while a handler runs.
-const frames = new WeakMap<VcpuEventView, Buffer>();
-function viewFrame(view: VcpuEventView): Buffer {
-  const f = frames.get(view);
-  if (!f) throw new KvmiError('closed', 'the event view is only valid during the handler call', false);
-  return f;
 }
