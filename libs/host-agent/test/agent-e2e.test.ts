@@ -194,3 +194,48 @@ describe('host agent: denying a kernel write by skipping the instruction', () =>
     expect(attached[0]!.stats.skips).toBe(1);
   });
 });
+
+describe('host agent with the shipped default policy (compiled local rules)', () => {
+  it('denies LSTAR hijack, CR0.WP and CR4.SMEP clears; allows benign writes', async () => {
+    const { loadDefaultPolicy, compilePolicy, deriveInterception } = await import('@periscope/verdicts');
+    const { policyDecider, planFromPolicy } = await import('../src/index.js');
+    const policy = loadDefaultPolicy();
+    const decide = policyDecider(compilePolicy(policy));
+    const dir = mkdtempSync(join(tmpdir(), 'ha-'));
+    const path = join(dir, 'k.sock');
+    const attached: VmConnection[] = [];
+    const listener = new KvmiListener({
+      paths: [path],
+      cookies: parseCookies(Buffer.from('s')),
+      plan: planFromPolicy(deriveInterception(policy)),
+      decide,
+      log: () => undefined,
+      onAttached: (vm) => attached.push(vm),
+    });
+    await listener.start();
+    const vm = new SimVm({ vcpus: 1, seed: 8 });
+    const qemu = new SimQemu(vm, { path, key: Buffer.from('s'), reconnectSeconds: 10 });
+    cleanups.push(async () => {
+      qemu.stop();
+      await listener.stop(200);
+      rmSync(dir, { recursive: true, force: true });
+    });
+    qemu.start();
+    await until(() => attached.length === 1 && attached[0]!.vcpusPending.length === 0);
+    const cpu = vm.vcpus[0]!;
+    const LSTAR = 0xc0000082;
+    const lstar = cpu.cpu.msrs.get(LSTAR) ?? 0n;
+    const hijack = await cpu.wrmsr(LSTAR, 0xffffffffc0de0000n);
+    expect(hijack.events.map((e) => e.event)).toEqual(['MSR']);
+    expect(cpu.cpu.msrs.get(LSTAR) ?? 0n).toBe(lstar);
+    const cr0 = cpu.cpu.sregs.cr0;
+    await cpu.writeCr(0, cr0 & ~CR0_WP);
+    expect(cpu.cpu.sregs.cr0).toBe(cr0);
+    const cr4 = cpu.cpu.sregs.cr4;
+    await cpu.writeCr(4, cr4 | CR4_SMEP);
+    expect(cpu.cpu.sregs.cr4 & CR4_SMEP).toBe(CR4_SMEP);
+    await cpu.writeCr(4, (cr4 | CR4_SMEP | (1n << 7n)) & ~CR4_SMEP);
+    // SMEP forced back, the benign bit 7 (PGE) change goes through.
+    expect(cpu.cpu.sregs.cr4).toBe(cr4 | CR4_SMEP | (1n << 7n));
+  });
+});
