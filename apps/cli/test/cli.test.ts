@@ -36,7 +36,7 @@ describe('periscope CLI', () => {
   });
   it('commands not built yet say which issue brings them, and have --help', async () => {
     const c = capture();
-    expect(await main(['host-agent'], c.io)).toBe(3);
+    expect(await main(['guest-agent'], c.io)).toBe(3);
     expect(c.err.join('\n')).toContain('not built yet');
     const h = capture();
     expect(await main(['analysis', '--help'], h.io)).toBe(0);

@@ -99,6 +99,11 @@ export class VmConnection {
   readonly session: KvmiSession;
   info: VmInfo | undefined;
   readonly uuid: string;
+  /**
+   * attaching → protected (every vCPU has its controls) or partial (some vCPUs answered EAGAIN and are
+   * retried until the guest brings them up) → detaching → closed.
+   */
+  state: 'attaching' | 'protected' | 'partial' | 'detaching' | 'closed' = 'attaching';
   private readonly held = new Map<number, HeldEvent>();
   private readonly planted = new Map<bigint, Uint8Array>();
   private readonly restricted = new Set<bigint>();
@@ -124,6 +129,7 @@ export class VmConnection {
       onEventReplyError: (seq, errno) => this.opts.log('warn', 'KVM refused an event reply', { vm: this.uuid, seq, errno }),
       onError: (err) => this.opts.log('error', `KVMI protocol error: ${err.message}`, { vm: this.uuid, code: err.code }),
       onClose: () => {
+        this.state = 'closed';
         if (this.retryTimer) clearTimeout(this.retryTimer);
         this.held.clear();
         this.opts.onDetached?.(this, this.detaching ? 'detached' : 'connection closed');
@@ -205,6 +211,7 @@ export class VmConnection {
         throw e;
       }
     }
+    if (!this.detaching && !this.session.isClosed) this.state = this.pendingVcpus.size === 0 ? 'protected' : 'partial';
     if (this.pendingVcpus.size > 0 && !this.session.isClosed && !this.detaching) {
       this.retryTimer = setTimeout(() => {
         this.protectPendingVcpus().catch((e: unknown) => this.opts.log('error', `protecting vCPUs failed: ${(e as Error).message}`, { vm: this.uuid }));
@@ -345,6 +352,7 @@ export class VmConnection {
   detach(reason: string, deadlineMs = 1000): Promise<void> {
     if (this.detaching) return this.detaching;
     this.opts.log('info', `detaching: ${reason}`, { vm: this.uuid });
+    this.state = 'detaching';
     if (this.retryTimer) clearTimeout(this.retryTimer);
     const work = (async () => {
       const s = this.session;

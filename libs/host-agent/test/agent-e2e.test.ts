@@ -98,7 +98,7 @@ describe('host agent ↔ simulator', () => {
     const qemu = new SimQemu(vm, { path: agent.path, key: Buffer.from('s'), reconnectSeconds: 10 });
     cleanups.push(() => qemu.stop());
     qemu.start();
-    await until(() => agent.attached.length === 1 && agent.attached[0]!.vcpusPending.length === 0);
+    await until(() => agent.attached.length === 1 && agent.attached[0]!.state === 'protected');
     const cpu = vm.vcpus[0]!;
     const cr0 = cpu.cpu.sregs.cr0;
     expect(cr0 & CR0_WP).toBe(CR0_WP);
@@ -121,7 +121,7 @@ describe('host agent ↔ simulator', () => {
     const qemu = new SimQemu(vm, { path: agent.path, key: Buffer.from('s'), reconnectSeconds: 10, unhookTimeoutMs: 3000 });
     cleanups.push(() => qemu.stop());
     qemu.start();
-    await until(() => agent.attached.length === 1 && agent.attached[0]!.vcpusPending.length === 0);
+    await until(() => agent.attached.length === 1 && agent.attached[0]!.state === 'protected');
     const conn = agent.attached[0]!;
     const before = Buffer.from(vm.memory.read(0x300000n, 16)!);
     await conn.plant(0x300000n, new Uint8Array([0xcc]));
@@ -179,7 +179,7 @@ describe('host agent: denying a kernel write by skipping the instruction', () =>
       rmSync(dir, { recursive: true, force: true });
     });
     qemu.start();
-    await until(() => attached.length === 1 && attached[0]!.vcpusPending.length === 0);
+    await until(() => attached.length === 1 && attached[0]!.state === 'protected');
     // mov [rdi], rax — 48 89 07, 3 bytes (Intel SDM: REX.W 89 /r, ModRM 00 000 111), at RIP.
     vm.memory.write(CODE, Buffer.from([0x48, 0x89, 0x07, 0x90]));
     const cpu = vm.vcpus[0]!;
@@ -221,7 +221,7 @@ describe('host agent with the shipped default policy (compiled local rules)', ()
       rmSync(dir, { recursive: true, force: true });
     });
     qemu.start();
-    await until(() => attached.length === 1 && attached[0]!.vcpusPending.length === 0);
+    await until(() => attached.length === 1 && attached[0]!.state === 'protected');
     const cpu = vm.vcpus[0]!;
     const LSTAR = 0xc0000082;
     const lstar = cpu.cpu.msrs.get(LSTAR) ?? 0n;

@@ -1,0 +1,130 @@
+/**
+ * The host agent, composed: KVMI listener + compiled local rules + metrics + local API.
+ * `apps/host-agent` only parses configuration and calls `HostAgent.start()` / `stop()`.
+ */
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { existsSync, unlinkSync } from 'node:fs';
+import { events } from '@periscope/kvmi';
+import { compilePolicy, deriveInterception, type Policy } from '@periscope/verdicts';
+import type { CookieLookup } from './cookies.js';
+import { KvmiListener, type Log } from './kvmi-listener.js';
+import { Registry, STALL_BUCKETS } from './metrics.js';
+import { planFromPolicy, policyDecider } from './policy-decider.js';
+import type { VmConnection } from './vm-connection.js';
+
+export interface HostAgentOptions {
+  hostId: string;
+  kvmiPaths: string[];
+  cookies: CookieLookup;
+  policy: Policy;
+  log: Log;
+  socketGid?: number;
+  /** `host:port` for /metrics and /healthz. */
+  metricsListen?: { host: string; port: number };
+  /** Unix socket path for the local API (CLI). */
+  apiPath?: string;
+}
+
+const EVENT_NAME = new Map<number, string>(Object.values(events).map((e) => [e.id, e.key]));
+const ACTION_NAME = ['CONTINUE', 'RETRY', 'CRASH'];
+
+export class HostAgent {
+  readonly registry = new Registry();
+  readonly listener: KvmiListener;
+  private metricsServer: Server | undefined;
+  private apiServer: Server | undefined;
+  private readonly policyInfo: { id: string; version: string; rules: number };
+
+  constructor(private readonly opts: HostAgentOptions) {
+    const compiled = compilePolicy(opts.policy);
+    this.policyInfo = { id: opts.policy.id, version: opts.policy.version.toString(), rules: opts.policy.rules.length };
+    const r = this.registry;
+    const eventsTotal = r.counter('periscope_agent_events_total', 'KVMI vCPU events received, by kind');
+    const verdicts = r.counter('periscope_agent_verdicts_total', 'local verdicts, by rule and action');
+    const stall = r.histogram('periscope_agent_vcpu_stall_seconds', 'vCPU stall: event received to reply written', STALL_BUCKETS);
+    const attached = r.counter('periscope_agent_vm_attach_total', 'VM attaches');
+    const detached = r.counter('periscope_agent_vm_detach_total', 'VM detaches, by reason');
+    const decide = policyDecider(compiled, (_vm, v) => {
+      eventsTotal.inc({ kind: EVENT_NAME.get(v.eventId) ?? String(v.eventId) });
+      verdicts.inc({ rule: v.ruleId ?? 'default', action: v.kind });
+    });
+    this.listener = new KvmiListener({
+      paths: opts.kvmiPaths,
+      cookies: opts.cookies,
+      plan: planFromPolicy(deriveInterception(opts.policy)),
+      decide,
+      log: opts.log,
+      ...(opts.socketGid !== undefined ? { socketGid: opts.socketGid } : {}),
+      onAttached: (vm) => {
+        attached.inc();
+        vm.onStall = (ns, eventId, d) =>
+          stall.observe(Number(ns) / 1e9, { kind: EVENT_NAME.get(eventId) ?? '?', action: d.kind === 'reply' ? (ACTION_NAME[d.action] ?? '?') : d.kind });
+      },
+      onDetached: (_vm, reason) => detached.inc({ reason }),
+    });
+    const c = this.listener.counters;
+    r.gauge('periscope_agent_vms_attached', 'VMs currently attached').track(() => this.listener.vms.size);
+    r.gauge('periscope_agent_connections_total', 'QEMU connections accepted').track(() => c.connections);
+    r.gauge('periscope_agent_handshake_refused_total', 'handshakes QEMU refused (cookie mismatch)').track(() => c.handshakeRefusedByQemu);
+    r.gauge('periscope_agent_handshake_failures_total', 'handshakes that failed on our side').track(() => c.handshakeFailures);
+    r.gauge('periscope_agent_attach_failures_total', 'attach sequences that failed').track(() => c.attachFailures);
+    r.gauge('periscope_agent_held_events', 'vCPUs currently waiting for a decision').track(() => [...this.listener.vms.values()].reduce((n, vm) => n + vm.heldCount, 0));
+  }
+
+  async start(): Promise<void> {
+    await this.listener.start();
+    if (this.opts.metricsListen) {
+      const { host, port } = this.opts.metricsListen;
+      this.metricsServer = createServer((req, res) => this.serveMetrics(req, res));
+      await listenHttp(this.metricsServer, { host, port });
+      this.opts.log('info', 'metrics listening', { address: `${host}:${port}` });
+    }
+    if (this.opts.apiPath) {
+      if (existsSync(this.opts.apiPath)) unlinkSync(this.opts.apiPath);
+      this.apiServer = createServer((req, res) => this.serveApi(req, res));
+      await listenHttp(this.apiServer, { path: this.opts.apiPath });
+      this.opts.log('info', 'local API listening', { path: this.opts.apiPath });
+    }
+  }
+
+  /** SIGTERM: detach every VM (guest restored), then stop serving. */
+  async stop(deadlineMs = 1000): Promise<void> {
+    await this.listener.stop(deadlineMs);
+    await Promise.all([this.metricsServer, this.apiServer].map((s) => (s ? new Promise<void>((r) => s.close(() => r())) : undefined)));
+  }
+
+  private serveMetrics(req: IncomingMessage, res: ServerResponse): void {
+    if (req.url === '/metrics') {
+      res.writeHead(200, { 'content-type': 'text/plain; version=0.0.4' }).end(this.registry.render());
+    } else if (req.url === '/healthz') {
+      res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ status: 'ok', vms: this.listener.vms.size }));
+    } else res.writeHead(404).end();
+  }
+
+  private serveApi(req: IncomingMessage, res: ServerResponse): void {
+    const send = (code: number, body: unknown): void => {
+      res.writeHead(code, { 'content-type': 'application/json' }).end(JSON.stringify(body, (_k, v: unknown) => (typeof v === 'bigint' ? v.toString() : v)));
+    };
+    const url = new URL(req.url ?? '/', 'http://agent');
+    if (url.pathname === '/v1/vms') return send(200, { hostId: this.opts.hostId, vms: [...this.listener.vms.values()].map(vmSummary) });
+    const m = /^\/v1\/vms\/([0-9a-f-]{36})$/.exec(url.pathname);
+    if (m) {
+      const vm = this.listener.vms.get(m[1]!);
+      return vm ? send(200, vmSummary(vm)) : send(404, { error: 'no such VM attached', uuid: m[1] });
+    }
+    if (url.pathname === '/v1/rules') return send(200, { policy: this.policyInfo, rules: this.opts.policy.rules.map((r) => ({ id: r.id, match: r.match, action: r.action })) });
+    return send(404, { error: `unknown path ${url.pathname}`, paths: ['/v1/vms', '/v1/vms/{uuid}', '/v1/rules'] });
+  }
+}
+
+function vmSummary(vm: VmConnection): Record<string, unknown> {
+  return { ...(vm.info ?? { uuid: vm.uuid }), state: vm.state, heldEvents: vm.heldCount, vcpusPending: vm.vcpusPending, events: vm.stats.events, skips: vm.stats.skips };
+}
+
+function listenHttp(server: Server, at: { host: string; port: number } | { path: string }): Promise<void> {
+  return new Promise((resolve, reject) => {
+    server.once('error', reject);
+    if ('path' in at) server.listen(at.path, () => resolve());
+    else server.listen(at.port, at.host, () => resolve());
+  });
+}
