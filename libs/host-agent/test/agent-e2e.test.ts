@@ -239,3 +239,54 @@ describe('host agent with the shipped default policy (compiled local rules)', ()
     expect(cpu.cpu.sregs.cr4).toBe(cr4 | CR4_SMEP | (1n << 7n));
   });
 });
+
+describe('host agent: misbehaving peers are isolated', () => {
+  it('a garbage-spewing peer and a peer that stops reading are closed with a logged reason; a healthy VM is unaffected', async () => {
+    const { connect } = await import('node:net');
+    const { performQemuHandshake, encodeVcpuEvent, encodeReply, structs: S } = await import('@periscope/kvmi');
+    const agent = await startAgent({ secret: 'unused: these QEMUs have no key' });
+    // Healthy VM.
+    const vm = new SimVm({ vcpus: 1, seed: 21, name: 'healthy' });
+    const qemu = new SimQemu(vm, { path: agent.path, reconnectSeconds: 10 });
+    cleanups.push(() => qemu.stop());
+    qemu.start();
+    await until(() => agent.attached.some((a) => a.info?.name === 'healthy' && a.state === 'protected'));
+    // Peer 1: handshake, then garbage.
+    const garbage = connect(agent.path);
+    garbage.on('error', () => undefined);
+    cleanups.push(() => void garbage.destroy());
+    await new Promise<void>((r) => garbage.once('connect', () => r()));
+    await performQemuHandshake(garbage, { form: 104, uuid: new Uint8Array(16).fill(0xaa), name: 'garbage', startTimeMs: 1n, maxGpa: 1n << 30n });
+    garbage.resume();
+    const junk = Buffer.alloc(64 * 1024);
+    for (let i = 0; i < junk.length; i++) junk[i] = (i * 2654435761) >>> 24;
+    garbage.write(junk);
+    // Peer 2: handshake, answers GET_VERSION then floods events without ever reading again.
+    const mute = connect(agent.path);
+    mute.on('error', () => undefined);
+    cleanups.push(() => void mute.destroy());
+    await new Promise<void>((r) => mute.once('connect', () => r()));
+    const hs = await performQemuHandshake(mute, { form: 104, uuid: new Uint8Array(16).fill(0xbb), name: 'mute', startTimeMs: 1n, maxGpa: 1n << 30n });
+    expect(hs.leftover.subarray(0, 8).readUInt16LE(0)).toBe(2); // the agent's GET_VERSION
+    mute.write(encodeReply('GET_VERSION', 1, { version: 1, max_msg_size: 8184, features: { singlestep: 0 } }));
+    mute.pause();
+    const arch = S.kvmi_vcpu_event_arch.zero();
+    let seq = 1000;
+    const floodUntil = Date.now() + 4000;
+    while (!mute.destroyed && Date.now() < floodUntil && agent.logs.filter((l) => l.includes('stopped reading') || l.includes('closed')).length < 1) {
+      mute.write(Buffer.concat(Array.from({ length: 512 }, () => encodeVcpuEvent({ event: 'PAUSE', seq: seq++, vcpu: 0, arch }))));
+      await new Promise((r) => setTimeout(r, 1));
+    }
+    await until(() => agent.logs.filter((l) => l.startsWith('error: KVMI protocol error')).length >= 2, 8000);
+    const reasons = agent.logs.filter((l) => l.startsWith('error: KVMI protocol error'));
+    expect(reasons.some((l) => l.includes('stopped reading'))).toBe(true);
+    expect(reasons.some((l) => !l.includes('stopped reading'))).toBe(true);
+    // The healthy VM still gets its CR0.WP clear denied.
+    const cpu = vm.vcpus[0]!;
+    const cr0 = cpu.cpu.sregs.cr0;
+    await cpu.writeCr(0, cr0 & ~CR0_WP);
+    expect(cpu.cpu.sregs.cr0).toBe(cr0);
+    expect(agent.listener.vms.size).toBeGreaterThanOrEqual(1);
+    expect([...agent.listener.vms.values()].some((v) => v.info?.name === 'healthy')).toBe(true);
+  });
+});

@@ -19,6 +19,8 @@ export type KvmiErrorCode =
   // command results and sessions
   | 'command-failed'
   | 'timeout'
+  /** The peer stopped reading: our bounded write queue overflowed. */
+  | 'write-queue-full'
   // transport and handshake (KvmiWireError)
   | KvmiWireErrorCode;
 

@@ -48,6 +48,11 @@ export interface KvmiSessionOptions extends KvmiSessionHandlers {
   commandTimeoutMs?: number;
   /** First sequence number used for commands. Default 1. */
   firstSeq?: number;
+  /**
+   * Bound on bytes queued for a peer that does not read. Past it the session closes with
+   * `write-queue-full` (only this connection). Default 4 MiB.
+   */
+  maxQueuedBytes?: number;
 }
 
 interface Pending {
@@ -63,8 +68,11 @@ export class KvmiSession {
   private readonly view = new VcpuEventView();
   private readonly handlers: KvmiSessionHandlers;
   private readonly timeoutMs: number;
+  private readonly maxQueued: number;
   private seq: number;
   private closed = false;
+  /** Set by the first failure: nothing more is reported or dispatched after it. */
+  private failed = false;
   /** Counters for health and tests. */
   readonly stats = { commands: 0, replies: 0, events: 0, eventReplies: 0, eventReplyErrors: 0 };
 
@@ -72,6 +80,7 @@ export class KvmiSession {
     this.handlers = options;
     this.timeoutMs = options.commandTimeoutMs ?? 5000;
     this.seq = options.firstSeq ?? 1;
+    this.maxQueued = options.maxQueuedBytes ?? 4 * 1024 * 1024;
     const { writer } = attachFraming(socket, {
       ...(options.leftover ? { leftover: options.leftover } : {}),
       onFrame: (frame) => this.onFrame(frame),
@@ -106,7 +115,7 @@ export class KvmiSession {
       }, timeoutMs);
       this.pending.set(k, { key, resolve: resolve as (r: ReplyResult<CommandKey>) => void, reject, timer });
       this.stats.commands++;
-      this.writer.send(frame).catch((e: unknown) => this.fail(new KvmiError('closed', `write failed: ${(e as Error).message}`, true)));
+      this.send(frame).catch((e: unknown) => this.fail(new KvmiError('closed', `write failed: ${(e as Error).message}`, true)));
     });
   }
 
@@ -137,7 +146,15 @@ export class KvmiSession {
     const buf = Buffer.allocUnsafe(eventReplyFrameSize(def));
     writeEventReply(buf, 0, seq, vcpu, eventId, action, newVal);
     this.stats.eventReplies++;
-    this.writer.send(buf).catch(() => undefined);
+    this.send(buf);
+  }
+
+  private send(frame: Buffer): Promise<void> {
+    const p = this.writer.send(frame);
+    if (this.writer.queuedBytes > this.maxQueued) {
+      this.fail(new KvmiError('write-queue-full', `the peer stopped reading: ${this.writer.queuedBytes} bytes queued (limit ${this.maxQueued})`, true));
+    }
+    return p;
   }
 
   /** Decode the event the view points at into owned objects (for handlers that answer later). */
@@ -157,6 +174,7 @@ export class KvmiSession {
   }
 
   private onFrame(frame: Buffer): void {
+    if (this.failed) return;
     const id = frameId(frame);
     if (id === KVMI_VCPU_EVENT) {
       if (frameSize(frame) === ERROR_CODE_SIZE) {
@@ -206,7 +224,8 @@ export class KvmiSession {
   }
 
   private fail(err: KvmiError): void {
-    if (this.closed) return;
+    if (this.closed || this.failed) return;
+    this.failed = true;
     this.handlers.onError?.(err);
     this.socket.destroy();
   }

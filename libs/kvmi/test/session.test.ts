@@ -172,3 +172,33 @@ describe('KvmiSession', () => {
     expect(errs).toEqual(['unknown-message']);
   });
 });
+
+describe('KvmiSession: a peer that stops reading', () => {
+  it('closes only that connection with write-queue-full once the bounded queue overflows', async () => {
+    const { tool, kernel, toolLeftover } = await connectedPair();
+    kernel.pause(); // the "kernel" never reads our replies again
+    kernel.on('error', () => undefined); // EPIPE once the tool gives up
+    const errors: string[] = [];
+    const closed = new Promise<void>((r) => {
+      new KvmiSession(tool, {
+        leftover: toolLeftover,
+        maxQueuedBytes: 64 * 1024,
+        onVcpuEvent: (view, s) => s.replyToEvent(view.seq, view.vcpu, view.eventId, EventAction.CONTINUE),
+        onError: (e) => errors.push(e.code),
+        onClose: r,
+      });
+    });
+    const arch = structs.kvmi_vcpu_event_arch.zero();
+    // Keep sending PAUSE events (each answered with a 24-byte reply nobody reads) until the session gives up.
+    let seq = 100;
+    let open = true;
+    void closed.then(() => (open = false));
+    while (open && seq < 400_000) {
+      const batch = Buffer.concat(Array.from({ length: 256 }, () => encodeVcpuEvent({ event: 'PAUSE', seq: seq++, vcpu: 0, arch })));
+      if (!kernel.write(batch)) await new Promise((r) => setTimeout(r, 1));
+      await new Promise((r) => setImmediate(r));
+    }
+    await closed;
+    expect(errors).toEqual(['write-queue-full']);
+  });
+});
