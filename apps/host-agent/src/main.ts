@@ -71,7 +71,9 @@ export async function runHostAgent(argv: string[]): Promise<number> {
   }
   if (v.analysis) log('info', 'analysis link not built yet (issue #7): running standalone on local rules', { analysis: v.analysis });
   if (v['heki-listen']) log('info', 'Heki sink not built yet (issue #11)', { heki: v['heki-listen'] });
-  const agent = new HostAgent({
+  let agent: HostAgent;
+  try {
+    agent = new HostAgent({
     hostId: v['host-id'] ?? hostname(),
     kvmiPaths,
     cookies,
@@ -80,7 +82,14 @@ export async function runHostAgent(argv: string[]): Promise<number> {
     ...(v['socket-group'] !== undefined ? { socketGid: v['socket-group'] } : {}),
     ...(metrics ? { metricsListen: metrics } : {}),
     ...(apiPath ? { apiPath } : {}),
-  });
+    });
+  } catch (e) {
+    if (e instanceof VerdictsError) {
+      process.stderr.write(`periscope host-agent: the policy does not compile:\n${e.issues.map((i) => `  ${i.path}: ${i.message}`).join('\n')}\n`);
+      return 2;
+    }
+    throw e;
+  }
   try {
     await agent.start();
   } catch (e) {

@@ -47,6 +47,13 @@ describe('periscope host-agent (process)', () => {
     const missing = spawnSync(process.execPath, [bin, 'host-agent'], { encoding: 'utf8' });
     expect(missing.status).toBe(2);
     expect(missing.stderr).toContain('kvmi-listen');
+    const dir = mkdtempSync(join(tmpdir(), 'hap-'));
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    writeFileSync(join(dir, 'p.json'), JSON.stringify({ format: 'periscope.verdicts/v1', id: 'bad', version: 1, rules: [{ id: 'x', match: { kind: 'CR', cr: 0 }, action: 'skip' }] }));
+    const bad = spawnSync(process.execPath, [bin, 'host-agent', '--kvmi-listen', `unix:${dir}/k.sock`, '--policy', join(dir, 'p.json')], { encoding: 'utf8' });
+    expect(bad.status).toBe(2);
+    expect(bad.stderr).toContain('rules[0]');
+    expect(bad.stderr).not.toContain('    at ');
   });
 
   it('attaches a VM, denies CR0.WP clear with the default policy, reports through API and metrics, detaches on SIGTERM', async () => {
