@@ -9,7 +9,10 @@ import { defineSchema, formatDuration, loadConfig } from '@periscope/config';
 
 import { SimError } from './errors.js';
 import { Simulator, type SimStats } from './fleet.js';
+import { MIN_MEMORY_MIB } from './guest/kernel.js';
 import { loadHostProfile, DEFAULT_HOST_PROFILE, type HostProfile } from './profile.js';
+import { loadScenario } from './scenario/parse.js';
+import type { Scenario } from './scenario/types.js';
 
 export const simSchema = defineSchema({
   options: {
@@ -23,8 +26,14 @@ export const simSchema = defineSchema({
     'host-profile': { kind: 'path', description: 'host capability profile (JSON): singlestep, descriptorExits, userspaceBpDebug, tscScaling, ...' },
     json: { kind: 'boolean', description: 'status updates as JSON lines on stderr instead of a redrawn line' },
     'jitter-ms': { kind: 'integer', min: 0, max: 1000, default: 2, description: 'largest seeded delay before a vCPU runs a queued command' },
-    activity: { kind: 'integer', min: 0, max: 100000, default: 0, description: 'guest actions per vCPU per second (0 = idle guests)' },
-    'memory-mib': { kind: 'integer', min: 4, max: 1048576, default: 64, description: 'guest RAM per VM (sparse)' },
+    activity: { kind: 'integer', min: 0, max: 100000, default: 0, description: 'benign workload: kernel routine calls per vCPU per second (0 = idle guests)' },
+    'workload-delay': { kind: 'duration', min: 0, default: 0, description: 'start the workload this long after a VM is hooked' },
+    'cold-boot': { kind: 'boolean', description: "start the guests before the kernel's boot code (MSRs/XCR0 at reset values); the workload boots them" },
+    'memory-mib': { kind: 'integer', min: MIN_MEMORY_MIB, max: 1048576, default: 64, description: 'guest RAM per VM (a sparse file <run dir>/<uuid>.ram)' },
+    'run-dir': { kind: 'path', description: 'directory of the RAM files (kept after exit); default: a temporary directory removed at exit' },
+    scenario: { kind: 'list', items: 'path', description: 'scenario file (YAML) to run on the chosen VMs; repeatable. Without --run-for, exit when all ran' },
+    'scenario-vms': { kind: 'list', default: ['0'], description: "VM indexes the scenarios run on (comma-separated or repeated), or 'all'" },
+    'scenario-delay': { kind: 'duration', min: 0, default: '1s', description: 'wait after a VM is hooked before its first scenario (the introspector sets up)' },
     reconnect: { kind: 'duration', min: 1, default: '1s', description: "QEMU's chardev reconnect interval" },
     'unhook-timeout': { kind: 'duration', min: 0, default: '60s', description: 'how long shutdown waits for the tool to close after PREUNHOOK' },
     'status-interval': { kind: 'duration', min: 50, default: '1s', description: 'status line period' },
@@ -66,7 +75,7 @@ export async function runSimCli(argv: readonly string[], io: SimCliIo = defaultI
   try {
     cfg = loadConfig(simSchema, argv, process.env, {
       command: 'periscope sim',
-      summary: 'Run simulated VMs (KVM kernel side of KVMI v12, QEMU, a minimal guest) against an introspector socket.',
+      summary: 'Run simulated VMs (KVM kernel side of KVMI v12, QEMU, an x86-64 guest with a synthetic Linux-like kernel) against an introspector socket; optionally a benign workload and scenario files.',
       io: { stdout: io.stdout, stderr: io.stderr, exit: (code: number): never => { throw new ExitRequest(code); } },
     });
   } catch (e) {
@@ -77,6 +86,7 @@ export async function runSimCli(argv: readonly string[], io: SimCliIo = defaultI
 
   let key: Uint8Array | undefined;
   let profile: HostProfile = DEFAULT_HOST_PROFILE;
+  const scenarios: Scenario[] = [];
   try {
     if (v['qemu-key-file'] !== undefined) {
       try {
@@ -86,6 +96,10 @@ export async function runSimCli(argv: readonly string[], io: SimCliIo = defaultI
       }
     }
     if (v['host-profile'] !== undefined) profile = await loadHostProfile(v['host-profile']);
+    for (const f of v.scenario) scenarios.push(await loadScenario(f));
+    if (!v['scenario-vms'].every((x) => x === 'all' || /^\d+$/.test(x))) {
+      throw new SimError('invalid-argument', `--scenario-vms: expected VM indexes or 'all', got ${v['scenario-vms'].join(',')}`);
+    }
   } catch (err) {
     io.stderr(`periscope sim: ${(err as Error).message}\n`);
     return 2;
@@ -101,7 +115,9 @@ export async function runSimCli(argv: readonly string[], io: SimCliIo = defaultI
     seen.set(kind, n + 1);
     if (n === 0) io.stderr(`${isTTY ? '\r\x1b[K' : ''}periscope sim: ${line}\n`);
   };
-  const sim = new Simulator({
+  let sim: Simulator;
+  try {
+    sim = new Simulator({
     introspector: v.introspector,
     vms: v.vms,
     vcpus: v.vcpus,
@@ -112,11 +128,28 @@ export async function runSimCli(argv: readonly string[], io: SimCliIo = defaultI
     profile,
     jitterMs: v['jitter-ms'],
     activity: v.activity,
+    workloadDelayMs: v['workload-delay'],
+    coldBoot: v['cold-boot'],
     memoryMiB: v['memory-mib'],
+    ...(v['run-dir'] !== undefined ? { runDir: v['run-dir'] } : {}),
+    ...(scenarios.length > 0
+      ? {
+          scenarios,
+          scenarioVms: v['scenario-vms'].includes('all') ? ('all' as const) : v['scenario-vms'].map(Number),
+          scenarioDelayMs: v['scenario-delay'],
+        }
+      : {}),
     reconnectSeconds: v.reconnect / 1000,
     unhookTimeoutMs: v['unhook-timeout'],
     log,
   });
+  } catch (err) {
+    if (err instanceof SimError) {
+      io.stderr(`periscope sim: ${err.message}\n`);
+      return 2;
+    }
+    throw err;
+  }
   try {
     sim.start();
   } catch (err) {
@@ -161,6 +194,16 @@ export async function runSimCli(argv: readonly string[], io: SimCliIo = defaultI
   if (io.signal?.aborted) onSignal();
   const runFor = v['run-for'];
   const runTimer = runFor !== undefined ? setTimeout(stop, runFor) : undefined;
+  // With scenarios and no --run-for: stop once every scenario ran.
+  if (scenarios.length > 0 && runFor === undefined) {
+    void sim.scenariosDone().then(
+      () => stop(),
+      (err: unknown) => {
+        io.stderr(`periscope sim: scenarios failed to run: ${(err as Error).message}\n`);
+        stop();
+      },
+    );
+  }
 
   try {
     await stopped;
@@ -170,7 +213,8 @@ export async function runSimCli(argv: readonly string[], io: SimCliIo = defaultI
     const repeats = [...seen.values()].reduce((a, n) => a + n - 1, 0);
     if (repeats > 0) io.stderr(`periscope sim: ${repeats} similar log lines for other VMs were not shown\n`);
     io.stdout(`${JSON.stringify(summary)}\n`);
-    return summary.internalErrors > 0 ? 1 : 0;
+    if (summary.internalErrors > 0) return 1;
+    return summary.scenarios?.some((r) => !r.passed) ? 3 : 0;
   } finally {
     clearInterval(status);
     if (runTimer) clearTimeout(runTimer);

@@ -9,7 +9,13 @@ export type SimErrorCode =
   /** A QEMU key file is unreadable. */
   | 'bad-key-file'
   /** A caller-supplied argument is out of range (vCPU index, register, ...). */
-  | 'invalid-argument';
+  | 'invalid-argument'
+  /** A guest OS profile is unreadable or malformed. */
+  | 'bad-guest-profile'
+  /** `deriveSlide`: the guest does not match the profile (LSTAR out of range, signature mismatch). */
+  | 'slide-not-derived'
+  /** A scenario file is unreadable or malformed (the message names the file and the key). */
+  | 'bad-scenario';
 
 export class SimError extends Error {
   override readonly name = 'SimError';

@@ -2,14 +2,14 @@
  * `periscope sim` (runSimCli): options through @periscope/config, the live status, the clean PREUNHOOK
  * shutdown and the final JSON summary.
  */
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { afterEach, describe, expect, it } from 'vitest';
 import { events } from '@periscope/kvmi';
 
-import { runSimCli, type SimSummary } from '../src/index.js';
+import { runSimCli, shippedScenarioFiles, type SimSummary } from '../src/index.js';
 import { respond } from './support/responder.js';
 import { ToolServer } from './support/tool.js';
 
@@ -33,6 +33,7 @@ describe('periscope sim', () => {
     const server = await ToolServer.listen();
     cleanups.push(() => server.close());
     const dir = mkdtempSync(join(tmpdir(), 'psim-'));
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
     writeFileSync(join(dir, 'key'), 'sim-secret');
     writeFileSync(join(dir, 'host.json'), JSON.stringify({ singlestep: false }));
     const ac = new AbortController();
@@ -93,5 +94,41 @@ describe('periscope sim', () => {
     o = io();
     expect(await runSimCli(['--help'], o.io)).toBe(0);
     expect(o.out.join('')).toMatch(/--pure-v12/);
+  });
+
+  it('--scenario FILE... runs them on the chosen VMs, then exits: the reports are in the summary, exit 3 when an expectation failed', async () => {
+    const server = await ToolServer.listen();
+    cleanups.push(() => server.close());
+    const files = shippedScenarioFiles();
+    const attack = files.find((f) => f.endsWith('attack-kernel-text-patch.yaml'))!;
+    const benign = files.find((f) => f.endsWith('benign-cr3-switching.yaml'))!;
+    const runDir = mkdtempSync(join(tmpdir(), 'psim-run-'));
+    cleanups.push(() => rmSync(runDir, { recursive: true, force: true }));
+    const o = io();
+    const run = runSimCli(
+      ['--introspector', server.path, '--vms', '2', '--scenario', benign, '--scenario', attack, '--scenario-vms', '1', '--scenario-delay', '0', '--run-dir', runDir, '--unhook-timeout', '100ms'],
+      o.io,
+    );
+    await server.next();
+    await server.next();
+    expect(await run).toBe(3); // nothing protected the guest: the attack's expectations failed
+    const summary = JSON.parse(o.out.join('')) as SimSummary;
+    expect(summary.scenarios!.map((r) => [r.scenario, r.vm, r.passed])).toEqual([
+      ['cr3-switching', 'sim-vm-1', true],
+      ['kernel-text-patch', 'sim-vm-1', false],
+    ]);
+    expect(summary.scenarios![1]!.expectations.find((e) => e.kind === 'write')).toMatchObject({ ok: false, observed: expect.stringMatching(/^landed/) });
+    // a given run dir keeps the RAM files: <uuid>.ram
+    expect(readdirSync(runDir).filter((f) => /^[0-9a-f-]{36}\.ram$/.test(f))).toHaveLength(2);
+    o.out.length = 0;
+    const ok = runSimCli(['--introspector', server.path, '--scenario', benign, '--scenario-delay', '0', '--unhook-timeout', '100ms'], o.io);
+    await server.next();
+    expect(await ok).toBe(0);
+    const bad = io();
+    const f = join(runDir, 'bad.yaml');
+    writeFileSync(f, 'name: x\nkind: attack\nsteps:\n  - explode: 1\n');
+    expect(await runSimCli(['--introspector', server.path, '--scenario', f], bad.io)).toBe(2);
+    expect(bad.err.join('')).toMatch(/bad\.yaml: steps\[0\]\.explode: unknown key/);
+    expect(existsSync(runDir)).toBe(true);
   });
 });

@@ -63,7 +63,7 @@ describe('every command on its success path', () => {
     expect(regs.msrs.nmsrs).toBe(2);
     expect(regs.msr_entries).toEqual([
       { index: MSR.EFER, data: 0xd01n },
-      { index: MSR.LSTAR, data: 0xffffffff81a00000n },
+      { index: MSR.LSTAR, data: vm.kernel.symbol('entry_SYSCALL_64') },
     ]);
     const leaf0 = await ok('VCPU_GET_CPUID', { vcpu: 0, function: 0, index: 0 });
     expect(Buffer.from(new Uint32Array([leaf0.ebx, leaf0.edx, leaf0.ecx]).buffer).toString('latin1')).toBe('GenuineIntel');

@@ -39,12 +39,12 @@ describe('blocking semantics (§2.6)', () => {
     await enable(t, 'CR');
     await t.ok('VCPU_CONTROL_CR', { vcpu: 0, cr: 4, enable: 1 });
     const old = cpu.sregs.cr4;
-    const pending = v.vcpus[0]!.writeCr(4, old & ~(1n << 20n) | (1n << 21n));
+    const pending = v.vcpus[0]!.writeCr(4, old ^ (1n << 7n)); // toggle PGE
     const e = await t.nextVcpuEvent();
     expect(e.event.key).toBe('CR');
     expect(e.seq).toBe(1);
     expect(e.vcpu).toBe(0);
-    expect(e.data).toEqual({ cr: 4, old_value: old, new_value: old | (1n << 21n) });
+    expect(e.data).toEqual({ cr: 4, old_value: old, new_value: old ^ (1n << 7n) });
     expect(e.arch.sregs.cr4).toBe(old);
     expect(v.vcpus[0]!.waitingFor).toMatchObject({ event: 'CR', seq: 1 });
     // Commands sent to the waiting vCPU are executed.

@@ -129,7 +129,7 @@ describe('connection loss vs UNHOOK (§8)', () => {
     await t.ok('VCPU_CONTROL_CR', { vcpu: 1, cr: 3, enable: 1 });
     await t.ok('VCPU_CONTROL_MSR', { vcpu: 1, enable: 1, msr: MSR.LSTAR });
     await t.ok('VCPU_CONTROL_SINGLESTEP', { vcpu: 0, enable: 1 });
-    await t.ok('VM_WRITE_PHYSICAL', { gpa: 0x100000n, data: Uint8Array.of(0xcc) }); // the tool's breakpoint
+    await t.ok('VM_WRITE_PHYSICAL', { gpa: 0x100800n, data: Uint8Array.of(0xcc) }); // the tool's breakpoint
     // vCPU 1 blocks on a CR event that will never be answered.
     const blocked = c1.writeCr(3, c1.cpu.sregs.cr3 | 0x10n);
     const cr = await t.nextVcpuEvent();
@@ -157,7 +157,7 @@ describe('connection loss vs UNHOOK (§8)', () => {
     expect(c1.interceptions.cr3).toBe(false);
     expect(c1.interceptions.msrs.size).toBe(0);
     expect(c0.hasIntrospectionState).toBe(false);
-    expect(v.memory.read(0x100000n, 1)![0]).toBe(0xcc); // guest memory untouched
+    expect(v.memory.read(0x100800n, 1)![0]).toBe(0xcc); // guest memory untouched
     // QEMU reconnects; the new hook starts from scratch: seq 1, nothing enabled.
     const t2 = await server.next();
     await qemu.waitHooked();

@@ -59,7 +59,7 @@ describe('many VMs', () => {
   it('1024 idle VMs × 1 vCPU, each on its own socket', async () => {
     const server = await ToolServer.listen();
     cleanups.push(() => server.close());
-    const sim = new Simulator({ introspector: server.path, vms: 1024, vcpus: 1, seed: 5, reconnectSeconds: 0.2, memoryMiB: 16 });
+    const sim = new Simulator({ introspector: server.path, vms: 1024, vcpus: 1, seed: 5, reconnectSeconds: 0.2, memoryMiB: 32 });
     cleanups.push(async () => {
       for (const q of sim.qemus) q.stop();
     });

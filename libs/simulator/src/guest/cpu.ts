@@ -8,8 +8,7 @@
  * they are guest facts, not KVMI struct offsets.
  */
 import { structs } from '@periscope/kvmi';
-
-import { CR0_PE, CR0_PG, EFER_LMA, type PagingRegs } from './paging.js';
+import { CR0_PE, CR0_PG, EFER_LMA, type CpuPagingState } from '@periscope/x86';
 
 type KvmRegs = structs.KvmRegs;
 type KvmSregs = structs.KvmSregs;
@@ -39,7 +38,7 @@ export const MSR = {
 } as const;
 
 export const CR0_BOOT = 0x80050033n; // PG | AM | WP | NE | ET | MP | PE
-export const CR4_BOOT = 0x000406e0n; // OSXSAVE | OSXMMEXCPT | OSFXSR | PGE | MCE | PAE
+export const CR4_BOOT = 0x003406e0n; // SMAP | SMEP | OSXSAVE | OSXMMEXCPT | OSFXSR | PGE | MCE | PAE
 export const EFER_BOOT = 0xd01n; // NXE | LMA | LME | SCE
 export const APIC_BASE_BSP = 0xfee00900n; // enabled, BSP
 export const APIC_BASE_AP = 0xfee00800n;
@@ -71,7 +70,8 @@ export function defaultCpuid(apicId: number, xsaveFeatures: bigint): CpuidEntry[
     e(0x0, 0, false, 0xd, str4('Genu'), str4('ntel'), str4('ineI')),
     // family 6 model 0x55; ecx: SSE3 SSSE3 CX16 SSE4.1/4.2 x2APIC POPCNT XSAVE OSXSAVE AVX HYPERVISOR
     e(0x1, 0, false, 0x00050654, ((apicId & 0xff) << 24) | 0x00010800, 0xf6f82203, 0x0f8bfbff),
-    e(0x7, 0, true, 0, 0x000003ab, 0, 0),
+    // ebx: FSGSBASE BMI1 AVX2 SMEP BMI2 ERMS INVPCID SMAP
+    e(0x7, 0, true, 0, 0x001003ab, 0, 0),
     e(0xd, 0, true, xcr0Lo, 0x340, 0x340, 0),
     e(0xd, 1, true, 0x1, 0, 0, 0),
     e(0x40000000, 0, false, 0x40000001, str4('KVMK'), str4('VMKV'), str4('M\0\0\0')),
@@ -147,6 +147,29 @@ export function mtrrType(gpa: bigint): number {
 
 // ---- the state --------------------------------------------------------------------------------
 
+/** The values the kernel's `syscall_init` writes (besides LSTAR/CSTAR, which depend on the KASLR slide). */
+export const BOOT_MSRS = {
+  /** SYSRET CS/SS base 0x23, SYSCALL CS/SS base 0x10 (Linux's __USER32_CS / __KERNEL_CS). */
+  STAR: 0x0023001000000000n,
+  /** TF | DF | IF | IOPL | AC | NT cleared on SYSCALL. */
+  SFMASK: 0x47700n,
+} as const;
+
+export interface CpuStateOptions {
+  apicId: number;
+  bsp: boolean;
+  cr3: bigint;
+  xsaveFeatures: bigint;
+  rip: bigint;
+  rsp: bigint;
+  /** The kernel has run syscall_init and set XCR0 on this vCPU (default true); else reset values. */
+  booted?: boolean;
+  lstar?: bigint;
+  cstar?: bigint;
+  idt?: { base: bigint; limit: number };
+  gdt?: { base: bigint; limit: number };
+}
+
 export class CpuState {
   regs: KvmRegs;
   sregs: KvmSregs;
@@ -156,7 +179,7 @@ export class CpuState {
   xsave: Buffer;
   readonly cpuid: CpuidEntry[];
 
-  constructor(opts: { apicId: number; bsp: boolean; cr3: bigint; xsaveFeatures: bigint; rip: bigint; rsp: bigint }) {
+  constructor(opts: CpuStateOptions) {
     const seg = (selector: number, type: number, code: boolean): KvmSegment => ({
       base: 0n, limit: 0xffffffff, selector, type, present: 1, dpl: 0, db: code ? 0 : 1, s: 1, l: code ? 1 : 0, g: 1, avl: 0, unusable: 0,
     });
@@ -167,8 +190,8 @@ export class CpuState {
       ds: data, es: { ...data }, fs: { ...data }, gs: { ...data }, ss: { ...data },
       tr: { base: 0n, limit: 0x67, selector: 0x40, type: 0xb, present: 1, dpl: 0, db: 0, s: 0, l: 0, g: 0, avl: 0, unusable: 0 },
       ldt: { base: 0n, limit: 0xffff, selector: 0, type: 0x2, present: 0, dpl: 0, db: 0, s: 0, l: 0, g: 0, avl: 0, unusable: 1 },
-      gdt: { base: 0x1000n, limit: 0x7f },
-      idt: { base: 0x2000n, limit: 0xfff },
+      gdt: { base: opts.gdt?.base ?? 0x1000n, limit: opts.gdt?.limit ?? 0x7f },
+      idt: { base: opts.idt?.base ?? 0x2000n, limit: opts.idt?.limit ?? 0xfff },
       cr0: CR0_BOOT, cr2: 0n, cr3: opts.cr3, cr4: CR4_BOOT, cr8: 0n, efer: EFER_BOOT,
       apic_base: opts.bsp ? APIC_BASE_BSP : APIC_BASE_AP,
       interrupt_bitmap: [0n, 0n, 0n, 0n],
@@ -181,15 +204,17 @@ export class CpuState {
     this.msrs.set(MSR.MISC_ENABLE, 0x1n);
     this.msrs.set(MSR.PAT, 0x0007040600070406n);
     this.msrs.set(MSR.MTRR_DEF_TYPE, 0xc06n);
-    this.msrs.set(MSR.STAR, 0x0023001000000000n);
-    this.msrs.set(MSR.LSTAR, 0xffffffff81a00000n);
-    this.msrs.set(MSR.CSTAR, 0xffffffff81a01000n);
-    this.msrs.set(MSR.SFMASK, 0x47700n);
+    // What the kernel's syscall_init writes; zero (the reset value) on a vCPU that has not run it yet.
+    const booted = opts.booted ?? true;
+    this.msrs.set(MSR.STAR, booted ? BOOT_MSRS.STAR : 0n);
+    this.msrs.set(MSR.LSTAR, booted ? (opts.lstar ?? 0xffffffff81a00000n) : 0n);
+    this.msrs.set(MSR.CSTAR, booted ? (opts.cstar ?? 0xffffffff81a01000n) : 0n);
+    this.msrs.set(MSR.SFMASK, booted ? BOOT_MSRS.SFMASK : 0n);
     this.msrs.set(MSR.FS_BASE, 0n);
     this.msrs.set(MSR.GS_BASE, 0n);
     this.msrs.set(MSR.KERNEL_GS_BASE, 0n);
     this.msrs.set(MSR.TSC_AUX, BigInt(opts.apicId));
-    this.xcr0 = opts.xsaveFeatures & 0x7n;
+    this.xcr0 = booted ? opts.xsaveFeatures & 0x7n : 1n; // XCR0 resets to x87 only
     this.xsave = bootXsave(this.xcr0);
     this.cpuid = defaultCpuid(opts.apicId, opts.xsaveFeatures);
   }
@@ -201,8 +226,19 @@ export class CpuState {
     return 2;
   }
 
-  get paging(): PagingRegs {
-    return { cr0: this.sregs.cr0, cr3: this.sregs.cr3, cr4: this.sregs.cr4, efer: this.sregs.efer };
+  /** What the x86 page walker and access checks need (`translateAccess`). */
+  get paging(): CpuPagingState {
+    return { cr0: this.sregs.cr0, cr3: this.sregs.cr3, cr4: this.sregs.cr4, efer: this.sregs.efer, rflags: this.regs.rflags, cpl: this.cpl };
+  }
+
+  /** Current privilege level: SS.DPL (as VMX reads it). */
+  get cpl(): number {
+    return this.sregs.ss.dpl & 3;
+  }
+
+  /** MAXPHYADDR as CPUID 0x80000008 reports it to the guest. */
+  get maxPhyAddr(): number {
+    return (this.findCpuid(0x80000008, 0)?.eax ?? 46) & 0xff;
   }
 
   get pagingEnabled(): boolean {

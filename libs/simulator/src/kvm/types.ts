@@ -1,7 +1,8 @@
 /**
  * Types shared by the simulated VM, its vCPUs and the public API.
  */
-import type { EventActionName, EventKey } from '@periscope/kvmi';
+import type { EventActionName, EventKey, structs } from '@periscope/kvmi';
+import type { InstructionName } from '@periscope/x86';
 
 /** How one vCPU event ended, from the vCPU's point of view. */
 export type EventOutcome =
@@ -45,6 +46,7 @@ export function actsAsContinue(o: EventOutcome): boolean {
  * - `page-fault`: the guest's own page tables do not map the address (#PF, CR2 = gva).
  * - `mmio`: the gpa is not backed by a memslot (an exit to the device manager).
  * - `userspace-exit`: #BP taken by userspace guest debugging.
+ * - `unsupported`: the vCPU is in a paging mode the simulator does not model (32-bit, PAE, 5-level).
  * - `vcpu-offline` / `vcpu-crashed`: the vCPU does not run guest code.
  */
 export type GuestOutcome =
@@ -55,6 +57,7 @@ export type GuestOutcome =
   | 'page-fault'
   | 'mmio'
   | 'userspace-exit'
+  | 'unsupported'
   | 'vcpu-offline'
   | 'vcpu-crashed';
 
@@ -89,13 +92,93 @@ export interface VmStats {
   maxReplyWaitMs: number;
   /** Exceptions thrown by simulator code (a bug); each also drops the connection. */
   internalErrors: number;
+  /** Livelocks: a vCPU faulted identically `LIVELOCK_FAULTS` times in a row. */
+  livelocks: number;
   lastLossReason: string | undefined;
 }
 
 export function newVmStats(): VmStats {
   return {
     hooks: 0, unhooks: 0, connectionLosses: 0, hardErrors: 0, messagesReceived: 0, commandsExecuted: 0,
-    errorReplies: 0, eventsSent: 0, eventReplies: 0, stalls: 0, maxReplyWaitMs: 0, internalErrors: 0,
+    errorReplies: 0, eventsSent: 0, eventReplies: 0, stalls: 0, maxReplyWaitMs: 0, internalErrors: 0, livelocks: 0,
     lastLossReason: undefined,
   };
+}
+
+/** One vCPU event as the guest saw it end (the VM's `guest-event`, used by scenario expectations). */
+export interface GuestEventRecord {
+  vcpu: number;
+  event: EventKey;
+  /** Wire seq (0 when it could not be sent). */
+  seq: number;
+  ended: EventEnd;
+  /** RIP in the event (the instruction that exited). */
+  rip: bigint;
+  /** The event-specific data sent (PF gva/gpa/access, CR cr/old/new, ...). */
+  data?: Record<string, unknown>;
+}
+
+/** A livelock: `faults` identical consecutive faults at `rip`. */
+export interface LivelockReport {
+  vcpu: number;
+  rip: bigint;
+  faults: number;
+  /** The repeated event (kind, data, how it ended). */
+  event: string;
+}
+
+export interface RunOptions {
+  /** Registers loaded before the first instruction (what the code that is not modelled left there). */
+  regs?: Partial<structs.KvmRegs>;
+  /** RIP ← entry first. */
+  entry?: bigint;
+  /** Push this return address first (RSP −= 8): a call from code that is not modelled. */
+  returnTo?: bigint;
+  /** Stop when RIP reaches this address (default: `returnTo`). */
+  until?: bigint;
+  /** Default 100 000. */
+  maxInstructions?: number;
+}
+
+/** One executed instruction of a run (consecutive identical retries are merged: `times`). */
+export interface InsnRecord {
+  rip: bigint;
+  /** The table instruction (absent when the fetch itself ended it). */
+  name?: InstructionName;
+  /** Its table length. */
+  length?: number;
+  result: 'retired' | 'halted' | 'fault' | 'retry' | 'mmio' | 'userspace-exit' | 'unsupported';
+  vector?: number;
+  times: number;
+}
+
+/**
+ * How a run ended: `completed` (RIP reached the stop address), `halted` (HLT), `exception` / `gp` /
+ * `page-fault` (delivered to the guest; RIP at the faulting instruction), `mmio`, `userspace-exit`,
+ * `unsupported`, `livelock`, `step-limit`, `vcpu-offline`, `vcpu-crashed`.
+ */
+export type RunOutcome =
+  | 'completed'
+  | 'halted'
+  | 'exception'
+  | 'gp'
+  | 'page-fault'
+  | 'mmio'
+  | 'userspace-exit'
+  | 'unsupported'
+  | 'livelock'
+  | 'step-limit'
+  | 'vcpu-offline'
+  | 'vcpu-crashed';
+
+export interface RunResult {
+  outcome: RunOutcome;
+  events: EventRecord[];
+  trace: InsnRecord[];
+  vector?: number;
+  crashed: boolean;
+  /** RIP at the end. */
+  rip: bigint;
+  /** Instructions executed (retries included). */
+  instructions: number;
 }

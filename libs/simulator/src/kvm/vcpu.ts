@@ -1,16 +1,23 @@
 /**
  * A simulated vCPU: KVM's vCPU thread with its introspection state (`struct kvm_vcpu_introspection`)
- * and the guest instructions it runs.
+ * and the guest CPU it runs (`guest/exec.ts`: table instructions over real page tables).
  *
  * Two strands run per vCPU, as in KVM:
  * - the **job strand** executes the vCPU commands and event replies that the receive thread queued for
  *   this vCPU (FIFO, each after a seeded jitter), and sends each command's reply itself — so replies for
  *   different vCPUs overtake each other (§2.3). It runs whether or not the vCPU waits for an event
  *   reply: commands sent to a waiting vCPU are executed (§2.6);
- * - the **main strand** is the vCPU's run loop: before each guest entry it waits for the queued jobs to
- *   drain, sends a pending TRAP, then one PAUSE event per pause request (low priority), injects a
- *   queued exception, and only then runs the next guest instruction requested through the guest-action
- *   API. Any event blocks the strand until the reply (or a release) arrives.
+ * - the **main strand** is the vCPU's run loop: before each guest instruction it waits for the queued
+ *   jobs to drain, sends a pending TRAP, then one PAUSE event per pause request (low priority), injects
+ *   a queued exception, and only then executes the instruction. Any event blocks the strand until the
+ *   reply (or a release) arrives.
+ *
+ * Guest code comes in two forms: the single-instruction **guest actions** (`writeCr`, `wrmsr`, `access`,
+ * …: the instruction is named, its encoding is written at RIP when RIP maps to RAM, and it executes
+ * once — a RETRY ends the action with `retry`), and **runs** (`run`): the CPU fetches and executes the
+ * table instructions it finds at RIP until a stop address, re-executing at the register RIP after a
+ * RETRY. ≥ `LIVELOCK_FAULTS` identical consecutive faults (an instruction that RETRYs with the same
+ * event) are reported as a livelock.
  */
 import {
   checkEventReply,
@@ -26,15 +33,40 @@ import {
   type KernelMessage,
   type structs,
 } from '@periscope/kvmi';
+import { encodeInstruction, instruction, type EptAccess, type EptBit, type InstructionName } from '@periscope/x86';
 
 import { SimError } from '../errors.js';
-import { cloneSregs, CpuState, mtrrType, VECTOR, VECTORS_WITH_ERROR_CODE, xcr0Invalid, xsaveRejected } from '../guest/cpu.js';
-import { gfnOf, PAGE_SIZE, type GuestMemory } from '../guest/memory.js';
-import { translate } from '../guest/paging.js';
+import { cloneSregs, CpuState, mtrrType, VECTOR, VECTORS_WITH_ERROR_CODE, xsaveRejected, type CpuStateOptions } from '../guest/cpu.js';
+import {
+  eptCheck,
+  execute,
+  fetch,
+  linearToGpa,
+  readPieces,
+  translateLinear,
+  writePieces,
+  type DescriptorId,
+  type ExecEnv,
+  type ExecResult,
+  type Fetched,
+} from '../guest/exec.js';
+import type { VmMemory } from '../guest/ram.js';
 import type { HostProfile } from '../profile.js';
 import { deriveSeed, mulberry32, randInt, type Prng } from '../prng.js';
 import type { KvmiHook } from './hook.js';
-import { actsAsContinue, endOf, type EventOutcome, type EventRecord, type GuestResult, type VmStats } from './types.js';
+import {
+  actsAsContinue,
+  endOf,
+  type EventOutcome,
+  type EventRecord,
+  type GuestEventRecord,
+  type GuestResult,
+  type InsnRecord,
+  type LivelockReport,
+  type RunOptions,
+  type RunResult,
+  type VmStats,
+} from './types.js';
 
 type KvmRegs = structs.KvmRegs;
 type CommandMsg = Extract<KernelMessage, { kind: 'command' }>;
@@ -43,10 +75,10 @@ type Req = Record<string, unknown>;
 /** What a vCPU needs from its VM (implemented by SimVm). */
 export interface VcpuHost {
   readonly currentHook: KvmiHook | null;
-  readonly memory: GuestMemory;
+  readonly memory: VmMemory;
   readonly profile: HostProfile;
-  /** EPT restrictions: gfn → allowed access bits (absent = rwx). */
-  readonly restrictions: ReadonlyMap<number, number>;
+  /** EPT restrictions set by VM_SET_PAGE_ACCESS. */
+  readonly ept: EptAccess;
   readonly paddingNoise: boolean;
   readonly stats: VmStats;
   readonly stallThresholdMs: number;
@@ -55,6 +87,9 @@ export interface VcpuHost {
   /** Simulator bug: count it and drop the connection. */
   internalError(err: unknown): void;
   vcpuCrashed(index: number): void;
+  /** A vCPU event ended (for scenario expectations). */
+  guestEvent(record: GuestEventRecord): void;
+  livelock(report: LivelockReport): void;
 }
 
 type Job =
@@ -102,14 +137,11 @@ export interface KvmInterceptions {
   readonly msrs: Set<number>;
 }
 
-export interface VcpuOptions {
+export interface VcpuOptions extends Omit<CpuStateOptions, 'apicId' | 'bsp' | 'xsaveFeatures'> {
   index: number;
   seed: number;
   jitterMs: number;
   online: boolean;
-  cr3: bigint;
-  rip: bigint;
-  rsp: bigint;
 }
 
 interface GuestCtx {
@@ -119,9 +151,11 @@ interface GuestCtx {
 }
 type GuestBody = Omit<GuestResult, 'events' | 'crashed'>;
 
-interface QueuedInsn {
-  run(ctx: GuestCtx): Promise<GuestBody>;
-  resolve(r: GuestResult): void;
+/** A unit of guest work on the main strand: a guest action or a run. */
+interface Unit {
+  start(): Promise<void>;
+  /** The vCPU crashed before the unit ran. */
+  refuse(): void;
 }
 
 const ID = {
@@ -137,12 +171,13 @@ const ID = {
 
 const KVM_ENOSYS_RAX = BigInt.asUintN(64, -1000n);
 const MAX_EXCEPTION_LOG = 256;
-const ACCESS_BIT = { r: 1, w: 2, x: 4 } as const;
+const MAX_TRACE = 4096;
+/** Identical consecutive faults on one vCPU from which a livelock is reported. */
+export const LIVELOCK_FAULTS = 1000;
 
-export type AccessKind = keyof typeof ACCESS_BIT;
+export type AccessKind = 'r' | 'w' | 'x';
 export type AccessTarget = { gpa: bigint } | { gva: bigint };
-/** KVMI_DESC_IDTR / GDTR / LDTR / TR. */
-export type DescriptorId = 1 | 2 | 3 | 4;
+export type { DescriptorId };
 
 const immediate = (): Promise<void> => new Promise((r) => setImmediate(r));
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
@@ -156,7 +191,7 @@ export class SimVcpu {
   private crashed_ = false;
   private intro: VcpuIntro | null = null;
   readonly interceptions: KvmInterceptions = { breakpoint: false, cr3: false, descriptor: false, msrs: new Set() };
-  /** The last exceptions delivered to the guest (injected by the tool, #BP, #GP, #PF), oldest first. */
+  /** The last exceptions delivered to the guest (injected by the tool, #BP, #GP, #PF, #UD), oldest first. */
   readonly deliveredExceptions: Array<{ vector: number; errorCode: number | undefined }> = [];
   private readonly prng: Prng;
   private readonly noise: Prng;
@@ -165,7 +200,11 @@ export class SimVcpu {
   private idleWaiters: Array<() => void> = [];
   private mainActive = false;
   private mainScheduled = false;
-  private readonly insns: QueuedInsn[] = [];
+  private readonly units: Unit[] = [];
+  /** The current streak of identical faults (livelock detection). */
+  private streak: { key: string; count: number } = { key: '', count: 0 };
+  /** Signature of the last event this vCPU sent (what a retried instruction raised). */
+  private lastEventKey = '';
 
   constructor(
     private readonly vm: VcpuHost,
@@ -176,9 +215,7 @@ export class SimVcpu {
     this.jitterMs = opts.jitterMs;
     this.prng = mulberry32(deriveSeed(opts.seed, 1, opts.index));
     this.noise = mulberry32(deriveSeed(opts.seed, 2, opts.index));
-    this.cpu = new CpuState({
-      apicId: opts.index, bsp: opts.index === 0, cr3: opts.cr3, xsaveFeatures: vm.profile.xsaveFeatures, rip: opts.rip, rsp: opts.rsp,
-    });
+    this.cpu = new CpuState({ ...opts, apicId: opts.index, bsp: opts.index === 0, xsaveFeatures: vm.profile.xsaveFeatures });
   }
 
   // ---- state as KVM sees it -----------------------------------------------------------------------
@@ -280,80 +317,36 @@ export class SimVcpu {
   }
 
   // ---- guest actions ------------------------------------------------------------------------------
+  //
+  // Each action is one named instruction: its registers are loaded, its encoding is written at RIP
+  // (when RIP translates to RAM; otherwise the instruction runs without being placed), and it executes
+  // once on the run loop. A retired instruction moves RIP past itself; anything else leaves RIP alone.
 
-  /** `mov crN, value` (N = 0, 3, 4). */
+  /** `mov crN, rax` (N = 0, 3, 4) with RAX = `value`. */
   writeCr(cr: 0 | 3 | 4, value: bigint): Promise<GuestResult> {
     if (cr !== 0 && cr !== 3 && cr !== 4) throw new SimError('invalid-argument', `CR${String(cr)} is not interceptable`);
-    return this.guest(async (ctx) => {
-      const old = this.cpu.readCr(cr);
-      const proposed = BigInt.asUintN(64, value);
-      const intro = this.intro;
-      if (intro && intro.enabled.has(ID.CR) && intro.crs.has(cr) && old !== proposed) {
-        ctx.otherExit = true;
-        const o = await this.raise(ctx, 'CR', { cr, old_value: old, new_value: proposed });
-        if (o.kind === 'reply' && o.action === 'CONTINUE') {
-          this.cpu.writeCr(cr, o.newVal ?? 0n);
-          return { outcome: 'completed', value: this.cpu.readCr(cr) };
-        }
-        if (!actsAsContinue(o)) return this.gp(old);
-      }
-      this.cpu.writeCr(cr, proposed);
-      return { outcome: 'completed', value: proposed };
-    });
+    return this.guest((ctx) =>
+      this.named(ctx, `mov cr${cr}, rax`, { rax: BigInt.asUintN(64, value) }, () => this.cpu.readCr(cr)),
+    );
   }
 
   /** Guest `wrmsr` (ECX = msr, EDX:EAX = value). */
   wrmsr(msr: number, value: bigint): Promise<GuestResult> {
-    return this.guest(async (ctx) => {
-      const proposed = BigInt.asUintN(64, value);
-      const old = this.cpu.readMsr(msr);
-      if (old === undefined) return this.gp(undefined);
-      const intro = this.intro;
-      if (intro && intro.enabled.has(ID.MSR) && intro.msrs.has(msr) && old !== proposed) {
-        ctx.otherExit = true;
-        const o = await this.raise(ctx, 'MSR', { msr, old_value: old, new_value: proposed });
-        if (o.kind === 'reply' && o.action === 'CONTINUE') {
-          this.cpu.writeMsr(msr, o.newVal ?? 0n);
-          return { outcome: 'completed', value: this.cpu.readMsr(msr) ?? 0n };
-        }
-        if (!actsAsContinue(o)) return this.gp(old);
-      }
-      this.cpu.writeMsr(msr, proposed);
-      return { outcome: 'completed', value: proposed };
-    });
+    const v = BigInt.asUintN(64, value);
+    return this.guest((ctx) =>
+      this.named(ctx, 'wrmsr', { rcx: BigInt(msr >>> 0), rax: v & 0xffffffffn, rdx: v >> 32n }, () => this.cpu.readMsr(msr)),
+    );
   }
 
   /** Guest `xsetbv` with ECX = 0 (XCR0). The event is informational: XCR0 is written first. */
   xsetbv(value: bigint): Promise<GuestResult> {
-    return this.guest(async (ctx) => {
-      const v = BigInt.asUintN(64, value);
-      if (xcr0Invalid(v, this.vm.profile.xsaveFeatures)) return this.gp(this.cpu.xcr0);
-      const old = this.cpu.xcr0;
-      this.cpu.xcr0 = v;
-      const intro = this.intro;
-      if (intro && intro.enabled.has(events.XSETBV.id) && old !== v) {
-        ctx.otherExit = true;
-        await this.raise(ctx, 'XSETBV', { xcr: 0, old_value: old, new_value: v });
-      }
-      return { outcome: 'completed', value: v };
-    });
+    const v = BigInt.asUintN(64, value);
+    return this.guest((ctx) => this.named(ctx, 'xsetbv', { rcx: 0n, rax: v & 0xffffffffn, rdx: v >> 32n }, () => this.cpu.xcr0));
   }
 
   /** Guest `int3` at the current RIP. */
   int3(): Promise<GuestResult> {
-    return this.guest(async (ctx) => {
-      const intro = this.intro;
-      if (intro && intro.enabled.has(ID.BREAKPOINT)) {
-        ctx.otherExit = true;
-        const linear = this.cpu.sregs.cs.base + this.cpu.regs.rip;
-        const gpa = translate(this.vm.memory, this.cpu.paging, linear) ?? KVMI_INVALID_GPA;
-        const o = await this.raise(ctx, 'BREAKPOINT', { gpa, insn_len: 1 });
-        if (!actsAsContinue(o)) return { outcome: 'retry' };
-        return this.deliver(VECTOR.BP, undefined);
-      }
-      if (this.vm.profile.userspaceBpDebug) return { outcome: 'userspace-exit' };
-      return this.deliver(VECTOR.BP, undefined);
-    });
+    return this.guest((ctx) => this.named(ctx, 'int3', {}));
   }
 
   /**
@@ -361,12 +354,184 @@ export class SimVcpu {
    * (RAX = 34, RDI = 24, RSI = 0). `value` is RAX afterwards.
    */
   vmcall(regs: Partial<Pick<KvmRegs, 'rax' | 'rbx' | 'rcx' | 'rdx' | 'rsi' | 'rdi'>> = {}): Promise<GuestResult> {
+    return this.guest((ctx) => this.named(ctx, 'vmcall', { rax: 34n, rdi: 24n, rsi: 0n, ...regs }));
+  }
+
+  /**
+   * LIDT/SIDT/LGDT/SGDT/LLDT/SLDT/LTR/STR as an exit only: `write` = load. No operand is read or
+   * written and RIP does not move (the scenario steps `lidt`/`lgdt` run the real instructions).
+   */
+  descriptorAccess(descriptor: DescriptorId, write: boolean): Promise<GuestResult> {
+    if (![1, 2, 3, 4].includes(descriptor)) throw new SimError('invalid-argument', `descriptor ${String(descriptor)} is not 1..4`);
     return this.guest(async (ctx) => {
-      const load = { rax: 34n, rdi: 24n, rsi: 0n, ...regs };
-      this.cpu.regs = { ...this.cpu.regs, ...load };
-      const r = this.cpu.regs;
-      let ret = KVM_ENOSYS_RAX;
-      if ((r.rax & 0xffffffffn) === 34n) {
+      const d = await this.env(ctx).descriptor(descriptor, write);
+      return d === 'retry' ? { outcome: 'retry' } : { outcome: 'completed' };
+    });
+  }
+
+  /**
+   * A guest memory access through a gva (the guest's page tables and access rules apply) or straight
+   * to a gpa (no linear address: the PF event's gva is ~0). Reads return `length` bytes (default 8);
+   * writes store `data` (default one zero byte).
+   *
+   * A gva write of 1 or 8 bytes runs `mov [rdi], al` / `mov [rdi], rax`, a gva read of 8 bytes
+   * `mov rax, [rdi]` (RDI = gva, RAX = the data), placed at RIP. Other sizes, fetches (`x`) and gpa
+   * accesses are the same checks without an instruction: RIP does not move.
+   */
+  access(target: AccessTarget, kind: AccessKind, opts: { data?: Uint8Array; length?: number } = {}): Promise<GuestResult> {
+    if (kind !== 'r' && kind !== 'w' && kind !== 'x') throw new SimError('invalid-argument', `access kind must be r, w or x`);
+    const data = kind === 'w' ? (opts.data ?? new Uint8Array(1)) : undefined;
+    const len = data ? data.length : (opts.length ?? 8);
+    if (!Number.isSafeInteger(len) || len < 1 || len > 4096) throw new SimError('invalid-argument', 'an access is 1 to 4096 bytes');
+    return this.guest(async (ctx) => {
+      if ('gva' in target) {
+        const gva = BigInt.asUintN(64, target.gva);
+        if (kind === 'w' && (len === 8 || len === 1)) {
+          const b = Buffer.alloc(8);
+          b.set(data!);
+          const rax = len === 8 ? b.readBigUInt64LE(0) : (this.cpu.regs.rax & ~0xffn) | BigInt(data![0]!);
+          return this.named(ctx, len === 8 ? 'mov [rdi], rax' : 'mov [rdi], al', { rdi: gva, rax });
+        }
+        if (kind === 'r' && len === 8) return this.named(ctx, 'mov rax, [rdi]', { rdi: gva });
+        const env = this.env(ctx);
+        const t = translateLinear(env, gva, len, kind);
+        if (!t.ok) return this.body(t.result);
+        const e = await eptCheck(env, t.pieces, kind, true);
+        if (e) return this.body(e);
+        if (kind === 'w') writePieces(env, t.pieces, data!);
+        return kind === 'r' ? { outcome: 'completed', data: new Uint8Array(readPieces(env, t.pieces)) } : { outcome: 'completed' };
+      }
+      const gpa = BigInt.asUintN(64, target.gpa);
+      const env = this.env(ctx);
+      const piecesOf = (): Array<{ gva: bigint; gpa: bigint; length: number }> => {
+        const out = [];
+        for (let at = gpa, left = len; left > 0; ) {
+          const n = Math.min(left, 4096 - Number(at & 0xfffn));
+          out.push({ gva: KVMI_INVALID_GPA, gpa: at, length: n });
+          at += BigInt(n);
+          left -= n;
+        }
+        return out;
+      };
+      const pieces = piecesOf();
+      const e = await eptCheck(env, pieces, kind, false);
+      if (e) return this.body(e);
+      if (kind === 'w') writePieces(env, pieces, data!);
+      return kind === 'r' ? { outcome: 'completed', data: new Uint8Array(readPieces(env, pieces)) } : { outcome: 'completed' };
+    });
+  }
+
+  /**
+   * Run guest code: load `regs`, optionally push a return address (a call from code that is not
+   * modelled) and jump to `entry`, then fetch and execute table instructions until RIP reaches `until`
+   * (default: the pushed return address), HLT, an exception delivered to the guest, an MMIO access, a
+   * livelock, the vCPU crashing, or `maxInstructions` (default 100 000).
+   */
+  run(opts: RunOptions = {}): Promise<RunResult> {
+    if (!this.online) {
+      return Promise.resolve({ outcome: 'vcpu-offline', events: [], trace: [], crashed: false, rip: this.cpu.regs.rip, instructions: 0 });
+    }
+    return new Promise<RunResult>((resolve) => {
+      this.units.push({
+        start: async () => resolve(await this.runUnit(opts)),
+        refuse: () => resolve({ outcome: 'vcpu-crashed', events: [], trace: [], crashed: true, rip: this.cpu.regs.rip, instructions: 0 }),
+      });
+      this.kickMain();
+    });
+  }
+
+  /** Write bytes at a linear address through the current page tables, as code that is not modelled would (no checks, no events). False when unmapped or unbacked. */
+  pokeLinear(gva: bigint, bytes: Uint8Array): boolean {
+    const parts: Array<{ gpa: bigint; off: number; n: number }> = [];
+    for (let off = 0; off < bytes.length; ) {
+      const at = BigInt.asUintN(64, gva + BigInt(off));
+      const gpa = linearToGpa({ cpu: this.cpu, mem: this.vm.memory }, at);
+      const n = Math.min(bytes.length - off, 4096 - Number(at & 0xfffn));
+      if (gpa === KVMI_INVALID_GPA || !this.vm.memory.isBackedRange(gpa, n)) return false;
+      parts.push({ gpa, off, n });
+      off += n;
+    }
+    for (const p of parts) this.vm.memory.write(p.gpa, bytes.subarray(p.off, p.off + p.n));
+    return true;
+  }
+
+  /** Read bytes at a linear address through the current page tables (no checks); null when unmapped. */
+  peekLinear(gva: bigint, length: number): Buffer | null {
+    const out: Buffer[] = [];
+    for (let off = 0; off < length; ) {
+      const at = BigInt.asUintN(64, gva + BigInt(off));
+      const gpa = linearToGpa({ cpu: this.cpu, mem: this.vm.memory }, at);
+      const n = Math.min(length - off, 4096 - Number(at & 0xfffn));
+      const b = gpa === KVMI_INVALID_GPA ? null : this.vm.memory.read(gpa, n);
+      if (!b) return null;
+      out.push(b);
+      off += n;
+    }
+    return Buffer.concat(out);
+  }
+
+  // ---- guest execution ----------------------------------------------------------------------------
+
+  /** The KVM side of every exit the guest CPU makes, for one unit of guest work. */
+  private env(ctx: GuestCtx): ExecEnv {
+    return {
+      cpu: this.cpu,
+      mem: this.vm.memory,
+      ept: this.vm.ept,
+      xsaveFeatures: this.vm.profile.xsaveFeatures,
+      deliver: (vector, errorCode) => this.recordException({ vector, errorCode }),
+      pf: async (gva: bigint, gpa: bigint, bit: EptBit) => {
+        const intro = this.intro;
+        if (!intro || !intro.enabled.has(ID.PF)) return 'continue';
+        const o = await this.raise(ctx, 'PF', { gva, gpa, access: bit });
+        return actsAsContinue(o) ? 'continue' : 'retry';
+      },
+      cr: async (cr, old, proposed) => {
+        const intro = this.intro;
+        if (intro && intro.enabled.has(ID.CR) && intro.crs.has(cr) && old !== proposed) {
+          ctx.otherExit = true;
+          const o = await this.raise(ctx, 'CR', { cr, old_value: old, new_value: proposed });
+          if (o.kind === 'reply' && o.action === 'CONTINUE') return { write: o.newVal ?? 0n };
+          if (!actsAsContinue(o)) return 'refuse';
+        }
+        return { write: proposed };
+      },
+      msr: async (msr, old, proposed) => {
+        const intro = this.intro;
+        if (intro && intro.enabled.has(ID.MSR) && intro.msrs.has(msr) && old !== proposed) {
+          ctx.otherExit = true;
+          const o = await this.raise(ctx, 'MSR', { msr, old_value: old, new_value: proposed });
+          if (o.kind === 'reply' && o.action === 'CONTINUE') return { write: o.newVal ?? 0n };
+          if (!actsAsContinue(o)) return 'refuse';
+        }
+        return { write: proposed };
+      },
+      xsetbv: async (old, value) => {
+        const intro = this.intro;
+        if (intro && intro.enabled.has(ID.XSETBV)) {
+          ctx.otherExit = true;
+          await this.raise(ctx, 'XSETBV', { xcr: 0, old_value: old, new_value: value });
+        }
+      },
+      descriptor: async (descriptor, write) => {
+        const intro = this.intro;
+        if (!intro || !intro.enabled.has(ID.DESCRIPTOR)) return 'native';
+        ctx.otherExit = true;
+        const o = await this.raise(ctx, 'DESCRIPTOR', { descriptor, write: write ? 1 : 0 });
+        return actsAsContinue(o) ? 'emulate' : 'retry';
+      },
+      breakpoint: async (gpa, insnLen) => {
+        const intro = this.intro;
+        if (intro && intro.enabled.has(ID.BREAKPOINT)) {
+          ctx.otherExit = true;
+          const o = await this.raise(ctx, 'BREAKPOINT', { gpa, insn_len: insnLen });
+          return actsAsContinue(o) ? 'reinject' : 'retry';
+        }
+        return this.vm.profile.userspaceBpDebug ? 'userspace' : 'reinject';
+      },
+      hypercall: async () => {
+        const r = this.cpu.regs;
+        if ((r.rax & 0xffffffffn) !== 34n) return KVM_ENOSYS_RAX;
         const long = this.cpu.mode === 8;
         const a0 = long ? r.rdi : r.rbx & 0xffffffffn;
         const a1 = long ? r.rsi : r.rcx & 0xffffffffn;
@@ -374,68 +539,134 @@ export class SimVcpu {
         if (intro && intro.enabled.has(ID.HYPERCALL) && a0 === 24n && a1 === 0n) {
           ctx.otherExit = true;
           const o = await this.raise(ctx, 'HYPERCALL');
-          ret = actsAsContinue(o) ? 0n : KVM_ENOSYS_RAX;
+          return actsAsContinue(o) ? 0n : KVM_ENOSYS_RAX;
         }
-      }
-      this.cpu.regs = { ...this.cpu.regs, rax: ret };
-      return { outcome: 'completed', value: ret };
-    });
+        return KVM_ENOSYS_RAX;
+      },
+    };
   }
 
-  /** LIDT/SIDT/LGDT/SGDT/LLDT/SLDT/LTR/STR: `write` = load (the register is written). */
-  descriptorAccess(descriptor: DescriptorId, write: boolean): Promise<GuestResult> {
-    if (![1, 2, 3, 4].includes(descriptor)) throw new SimError('invalid-argument', `descriptor ${String(descriptor)} is not 1..4`);
-    return this.guest(async (ctx) => {
-      const intro = this.intro;
-      if (intro && intro.enabled.has(ID.DESCRIPTOR)) {
-        ctx.otherExit = true;
-        const o = await this.raise(ctx, 'DESCRIPTOR', { descriptor, write: write ? 1 : 0 });
-        if (!actsAsContinue(o)) return { outcome: 'retry' };
-      }
-      return { outcome: 'completed' };
-    });
+  /** Run one named instruction (a guest action): load registers, place the encoding at RIP, execute. */
+  private async named(ctx: GuestCtx, name: InstructionName, regs: Partial<KvmRegs>, gpValue?: () => bigint | undefined): Promise<GuestBody> {
+    Object.assign(this.cpu.regs, regs);
+    const entry = instruction(name);
+    const rip = this.cpu.regs.rip;
+    this.pokeLinear(rip, encodeInstruction(name, entry.immediate ? 0n : undefined));
+    const r = await execute(this.env(ctx), { entry, rip, inPlace: true });
+    this.account(r, rip);
+    const body = this.body(r);
+    if (body.outcome === 'gp' && gpValue) {
+      const v = gpValue();
+      if (v !== undefined) body.value = v;
+    }
+    return body;
   }
 
-  /**
-   * A guest memory access through a gva (walked with the guest's page tables) or straight to a gpa.
-   * Reads return `length` bytes (default 8); writes store `data`. The access must stay within a page.
-   */
-  access(target: AccessTarget, kind: AccessKind, opts: { data?: Uint8Array; length?: number } = {}): Promise<GuestResult> {
-    const bit = ACCESS_BIT[kind];
-    if (bit === undefined) throw new SimError('invalid-argument', `access kind must be r, w or x`);
-    const len = kind === 'w' ? (opts.data?.length ?? 1) : (opts.length ?? 8);
-    return this.guest(async (ctx) => {
-      let gva: bigint;
-      let gpa: bigint;
-      if ('gva' in target) {
-        gva = BigInt.asUintN(64, target.gva);
-        const t = translate(this.vm.memory, this.cpu.paging, gva);
-        if (t === null) {
-          this.cpu.sregs = { ...this.cpu.sregs, cr2: gva };
-          // #PF error code: not present (P = 0), W/R from the access, I/D for fetches, supervisor.
-          this.recordException({ vector: VECTOR.PF, errorCode: (kind === 'w' ? 0x2 : 0) | (kind === 'x' ? 0x10 : 0) });
-          return { outcome: 'page-fault', vector: VECTOR.PF };
-        }
-        gpa = t;
-      } else {
-        gpa = BigInt.asUintN(64, target.gpa);
-        gva = KVMI_INVALID_GPA;
-      }
-      if (Number(gpa & 0xfffn) + len > PAGE_SIZE) throw new SimError('invalid-argument', 'a guest access must stay within one page');
-      if (!this.vm.memory.isBacked(gpa)) return { outcome: 'mmio' };
-      const allowed = this.vm.restrictions.get(gfnOf(gpa));
-      const intro = this.intro;
-      if (allowed !== undefined && (bit & ~allowed) !== 0 && intro && intro.enabled.has(ID.PF)) {
-        const o = await this.raise(ctx, 'PF', { gva, gpa, access: bit });
-        if (!actsAsContinue(o)) return { outcome: 'retry' };
-      }
-      if (kind === 'w') {
-        this.vm.memory.write(gpa, opts.data ?? new Uint8Array(1));
+  private body(r: ExecResult): GuestBody {
+    switch (r.kind) {
+      case 'retired':
+        return { outcome: 'completed', ...(r.value !== undefined ? { value: r.value } : {}), ...(r.data ? { data: r.data } : {}) };
+      case 'halted':
         return { outcome: 'completed' };
-      }
-      if (kind === 'r') return { outcome: 'completed', data: new Uint8Array(this.vm.memory.read(gpa, len)!) };
-      return { outcome: 'completed' };
+      case 'fault':
+        if (r.vector === VECTOR.GP) return { outcome: 'gp', vector: r.vector };
+        if (r.vector === VECTOR.PF) return { outcome: 'page-fault', vector: r.vector };
+        return { outcome: 'exception', vector: r.vector };
+      case 'retry':
+        return { outcome: 'retry' };
+      case 'mmio':
+        return { outcome: 'mmio' };
+      case 'userspace-exit':
+        return { outcome: 'userspace-exit' };
+      case 'unsupported':
+        return { outcome: 'unsupported' };
+    }
+  }
+
+  /** Livelock accounting: an instruction that made progress ends a streak; a retried one extends it. */
+  private account(r: ExecResult, rip: bigint): boolean {
+    if (r.kind !== 'retry') {
+      this.streak = { key: '', count: 0 };
+      return false;
+    }
+    const key = `${rip.toString(16)}|${this.lastEventKey}`;
+    if (key === this.streak.key) this.streak.count++;
+    else this.streak = { key, count: 1 };
+    if (this.streak.count === LIVELOCK_FAULTS) {
+      this.vm.stats.livelocks++;
+      this.vm.livelock({ vcpu: this.index, rip, faults: this.streak.count, event: this.lastEventKey });
+    }
+    return this.streak.count >= LIVELOCK_FAULTS;
+  }
+
+  private async runUnit(opts: RunOptions): Promise<RunResult> {
+    const events: EventRecord[] = [];
+    const trace: InsnRecord[] = [];
+    let instructions = 0;
+    const done = (outcome: RunResult['outcome'], extra: { vector?: number } = {}): RunResult => ({
+      outcome, events, trace, crashed: this.crashed_, rip: this.cpu.regs.rip, instructions, ...extra,
     });
+    if (opts.regs) Object.assign(this.cpu.regs, opts.regs);
+    let until = opts.until;
+    if (opts.returnTo !== undefined) {
+      const rsp = BigInt.asUintN(64, this.cpu.regs.rsp - 8n);
+      const b = Buffer.alloc(8);
+      b.writeBigUInt64LE(opts.returnTo);
+      if (!this.pokeLinear(rsp, b)) return done('page-fault');
+      this.cpu.regs.rsp = rsp;
+      until ??= opts.returnTo;
+    }
+    if (opts.entry !== undefined) this.cpu.regs.rip = opts.entry;
+    const max = opts.maxInstructions ?? 100_000;
+    for (let first = true; ; first = false) {
+      if (!first) await this.preEntry();
+      if (this.crashed_) return done('vcpu-crashed');
+      if (until !== undefined && this.cpu.regs.rip === until) return done('completed');
+      if (instructions >= max) return done('step-limit');
+      const ctx: GuestCtx = { events: [], otherExit: false };
+      const env = this.env(ctx);
+      const rip = this.cpu.regs.rip;
+      const f = await fetch(env);
+      let r: ExecResult;
+      let name: InstructionName | undefined;
+      let length: number | undefined;
+      if ('entry' in f) {
+        name = f.entry.name;
+        length = f.entry.length;
+        r = await execute(env, f as Fetched);
+      } else r = f;
+      instructions++;
+      let crashed = ctx.events.some((e) => e.ended === 'CRASH');
+      if (!crashed && this.intro?.singlestep) {
+        const o = await this.raise(ctx, 'SINGLESTEP', { failed: ctx.otherExit ? 1 : 0 });
+        crashed = o.kind === 'reply' && o.action === 'CRASH';
+      }
+      events.push(...ctx.events);
+      const last = trace[trace.length - 1];
+      const vector = r.kind === 'fault' ? r.vector : undefined;
+      if (last && last.rip === rip && last.result === r.kind && r.kind === 'retry') last.times++;
+      else if (trace.length < MAX_TRACE) trace.push({ rip, ...(name ? { name, length: length! } : {}), result: r.kind, ...(vector !== undefined ? { vector } : {}), times: 1 });
+      const livelock = this.account(r, rip);
+      if (crashed) {
+        this.crash();
+        return done('vcpu-crashed', vector !== undefined ? { vector } : {});
+      }
+      switch (r.kind) {
+        case 'retired':
+          continue;
+        case 'retry':
+          if (livelock) return done('livelock');
+          continue;
+        case 'halted':
+          return done('halted');
+        case 'fault':
+          return done(r.vector === VECTOR.GP ? 'gp' : r.vector === VECTOR.PF ? 'page-fault' : 'exception', { vector: r.vector });
+        case 'mmio':
+        case 'userspace-exit':
+        case 'unsupported':
+          return done(r.kind);
+      }
+    }
   }
 
   // ---- the main strand --------------------------------------------------------------------------------
@@ -443,7 +674,20 @@ export class SimVcpu {
   private guest(run: (ctx: GuestCtx) => Promise<GuestBody>): Promise<GuestResult> {
     if (!this.online) return Promise.resolve({ outcome: 'vcpu-offline', events: [], crashed: false });
     return new Promise<GuestResult>((resolve) => {
-      this.insns.push({ run, resolve });
+      this.units.push({
+        start: async () => {
+          const ctx: GuestCtx = { events: [], otherExit: false };
+          const body = await run(ctx);
+          let crashed = ctx.events.some((e) => e.ended === 'CRASH');
+          if (!crashed && this.intro?.singlestep) {
+            const o = await this.raise(ctx, 'SINGLESTEP', { failed: ctx.otherExit ? 1 : 0 });
+            crashed = o.kind === 'reply' && o.action === 'CRASH';
+          }
+          if (crashed) this.crash();
+          resolve({ ...body, events: ctx.events, crashed });
+        },
+        refuse: () => resolve({ outcome: 'vcpu-crashed', events: [], crashed: true }),
+      });
       this.kickMain();
     });
   }
@@ -451,16 +695,6 @@ export class SimVcpu {
   private recordException(e: { vector: number; errorCode: number | undefined }): void {
     this.deliveredExceptions.push(e);
     if (this.deliveredExceptions.length > MAX_EXCEPTION_LOG) this.deliveredExceptions.shift();
-  }
-
-  private gp(value: bigint | undefined): GuestBody {
-    this.recordException({ vector: VECTOR.GP, errorCode: 0 });
-    return value === undefined ? { outcome: 'gp', vector: VECTOR.GP } : { outcome: 'gp', vector: VECTOR.GP, value };
-  }
-
-  private deliver(vector: number, errorCode: number | undefined): GuestBody {
-    this.recordException({ vector, errorCode });
-    return { outcome: 'exception', vector };
   }
 
   /** Wake the run loop, as a kick (KVM_REQ_INTROSPECTION + IPI) would: on a later turn of the event loop. */
@@ -484,48 +718,46 @@ export class SimVcpu {
     if (!this.online) return false;
     const intro = this.intro;
     if (!this.crashed_ && intro && (intro.trap || intro.pauseRequests > 0 || intro.exception)) return true;
-    return this.insns.length > 0;
+    return this.units.length > 0;
+  }
+
+  /** Before a guest entry: the queued jobs, then a pending TRAP, PAUSE events, a queued injection. */
+  private async preEntry(): Promise<void> {
+    for (;;) {
+      // kvmi_handle_requests: run the queued jobs first.
+      while (this.jobsBusy) await new Promise<void>((r) => this.idleWaiters.push(r));
+      const intro = this.intro;
+      if (!this.online || !intro || this.crashed_) return;
+      if (intro.trap) {
+        const o = await this.raise(null, 'TRAP');
+        if (o.kind === 'reply' && o.action === 'CRASH') this.crash();
+        continue;
+      }
+      if (intro.pauseRequests > 0) {
+        intro.pauseRequests--;
+        const o = await this.raise(null, 'PAUSE');
+        if (o.kind === 'reply' && o.action === 'CRASH') this.crash();
+        continue;
+      }
+      if (intro.exception) {
+        this.inject(intro);
+        continue;
+      }
+      return;
+    }
   }
 
   private async mainLoop(): Promise<void> {
     for (;;) {
-      // kvmi_handle_requests: run the queued jobs first.
-      while (this.jobsBusy) await new Promise<void>((r) => this.idleWaiters.push(r));
+      await this.preEntry();
       if (!this.online) return;
-      const intro = this.intro;
-      if (intro && !this.crashed_) {
-        if (intro.trap) {
-          const o = await this.raise(null, 'TRAP');
-          if (o.kind === 'reply' && o.action === 'CRASH') this.crash();
-          continue;
-        }
-        if (intro.pauseRequests > 0) {
-          intro.pauseRequests--;
-          const o = await this.raise(null, 'PAUSE');
-          if (o.kind === 'reply' && o.action === 'CRASH') this.crash();
-          continue;
-        }
-        if (intro.exception) {
-          this.inject(intro);
-          continue;
-        }
-      }
-      const insn = this.insns.shift();
-      if (!insn) return;
+      const unit = this.units.shift();
+      if (!unit) return;
       if (this.crashed_) {
-        insn.resolve({ outcome: 'vcpu-crashed', events: [], crashed: true });
+        unit.refuse();
         continue;
       }
-      const ctx: GuestCtx = { events: [], otherExit: false };
-      const body = await insn.run(ctx);
-      let crashed = ctx.events.some((e) => e.ended === 'CRASH');
-      const after = this.intro;
-      if (!crashed && after?.singlestep) {
-        const o = await this.raise(ctx, 'SINGLESTEP', { failed: ctx.otherExit ? 1 : 0 });
-        crashed = o.kind === 'reply' && o.action === 'CRASH';
-      }
-      if (crashed) this.crash();
-      insn.resolve({ ...body, events: ctx.events, crashed });
+      await unit.start();
     }
   }
 
@@ -558,6 +790,7 @@ export class SimVcpu {
       data_ = { ...intro.trap };
       intro.trap = null;
     }
+    const rip = this.cpu.regs.rip;
     let seq = 0;
     let outcome: EventOutcome;
     if (!intro || !hook || intro.hook !== hook || !hook.alive) {
@@ -584,7 +817,10 @@ export class SimVcpu {
       if (waited > this.vm.stats.maxReplyWaitMs) this.vm.stats.maxReplyWaitMs = waited;
       if (waited > this.vm.stallThresholdMs) this.vm.stats.stalls++;
     }
-    ctx?.events.push({ event: key, seq, ended: endOf(outcome) });
+    const ended = endOf(outcome);
+    ctx?.events.push({ event: key, seq, ended });
+    this.lastEventKey = `${key}:${data_ ? eventDataKey(data_) : ''}:${ended}`;
+    this.vm.guestEvent({ vcpu: this.index, event: key, seq, ended, rip, ...(data_ ? { data: data_ } : {}) });
     return outcome;
   }
 
@@ -809,10 +1045,17 @@ export class SimVcpu {
         return encodeReply('VCPU_CONTROL_SINGLESTEP', seq, {});
       case 'VCPU_TRANSLATE_GVA':
         return encodeReply('VCPU_TRANSLATE_GVA', seq, {
-          gpa: translate(this.vm.memory, this.cpu.paging, r['gva'] as bigint) ?? KVMI_INVALID_GPA,
+          gpa: linearToGpa({ cpu: this.cpu, mem: this.vm.memory }, r['gva'] as bigint),
         });
       default:
         throw new Error(`simulator: no handler for vCPU command ${m.def.name}`);
     }
   }
+}
+
+/** A stable text key of event data (bigints included), for livelock detection. */
+function eventDataKey(d: Record<string, unknown>): string {
+  return Object.entries(d)
+    .map(([k, v]) => `${k}=${typeof v === 'bigint' ? v.toString(16) : String(v)}`)
+    .join(',');
 }

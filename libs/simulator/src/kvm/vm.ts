@@ -10,6 +10,7 @@
  *   and page restrictions stay until UNHOOK, which removes them and never touches guest memory.
  */
 import { EventEmitter } from 'node:events';
+import { rmSync } from 'node:fs';
 import { Socket } from 'node:net';
 
 import {
@@ -34,13 +35,15 @@ import {
   type PageAccessEntry,
 } from '@periscope/kvmi';
 
+import { EptAccess } from '@periscope/x86';
+
 import { HostErrno, SimError } from '../errors.js';
-import { GuestMemory, gfnOf, type GfnRange } from '../guest/memory.js';
-import { buildPageTables, type PageTableLayout } from '../guest/paging.js';
+import { bootKernel, KERNEL_BASE, MIN_MEMORY_MIB, type KernelLayout } from '../guest/kernel.js';
+import { gfnOf, tempRunDir, VmMemory, type GfnRange } from '../guest/ram.js';
 import { DEFAULT_HOST_PROFILE, type HostProfile } from '../profile.js';
-import { deriveSeed, mulberry32, randBytes, type Prng } from '../prng.js';
+import { deriveSeed, mulberry32, randBytes, randInt, type Prng } from '../prng.js';
 import { KvmiHook } from './hook.js';
-import { newVmStats, type VmStats } from './types.js';
+import { newVmStats, type GuestEventRecord, type LivelockReport, type VmStats } from './types.js';
 import { SimVcpu, type VcpuHost } from './vcpu.js';
 
 type CommandMsg = Extract<KernelMessage, { kind: 'command' }>;
@@ -55,8 +58,22 @@ export interface SimVmOptions {
   uuid?: Uint8Array;
   /** Number of vCPUs (online vCPUs for KVMI). Default 1. */
   vcpus?: number;
-  /** Guest RAM in MiB. Default 64. */
+  /** Guest RAM in MiB (at least 32, for the kernel's layout). Default 64. */
   memoryMiB?: number;
+  /**
+   * Directory of the RAM file `<runDir>/<uuid>.ram`. Default: a fresh directory under this process's
+   * temporary root (removed at process exit; `close()` removes the file).
+   */
+  runDir?: string;
+  /** Remove the RAM file at `close()`. Default: true for the default run dir, false for a given one. */
+  removeRamOnClose?: boolean;
+  /** The KASLR slot (slide = 2 MiB × slot, modulo the slots RAM allows). Default: drawn from the seed. */
+  kaslrSlot?: number;
+  /**
+   * The vCPUs online at creation have run the kernel's boot code (syscall_init: STAR/LSTAR/CSTAR/SFMASK,
+   * XCR0 = x87|SSE|AVX). Default true. APs brought up later always start with reset MSRs and XCR0 = 1.
+   */
+  booted?: boolean;
   /** Gfn ranges outside every memslot. Default the VGA window [0xA0, 0xC0). */
   holes?: readonly GfnRange[];
   /** Seed for jitter, uuids, tokens and padding noise. Default 1. */
@@ -94,14 +111,37 @@ export interface SimVmEvents {
   'vcpu-crash': [vcpu: number];
   /** A simulator bug (also counted in stats.internalErrors). */
   'internal-error': [err: unknown];
+  /** A vCPU event ended (any vCPU), with its RIP and data. */
+  'guest-event': [record: GuestEventRecord];
+  /** A vCPU faulted identically LIVELOCK_FAULTS times in a row. */
+  livelock: [report: LivelockReport];
+}
+
+/** The boot page tables as earlier versions exposed them. */
+export interface PageTableLayout {
+  /** CR3 value (the PML4's gpa). */
+  cr3: bigint;
+  /** Identity map and kernel map cover [0, identityBytes). */
+  identityBytes: bigint;
+  /** The kernel map: KERNEL_BASE + x → x. */
+  kernelBase: bigint;
+  /** Gpas of the page-table pages. */
+  tablePages: readonly bigint[];
 }
 
 export class SimVm extends EventEmitter<SimVmEvents> implements VcpuHost {
   readonly index: number;
   readonly name: string;
   readonly uuid: Uint8Array;
-  readonly memory: GuestMemory;
+  /** The uuid in text form (8-4-4-4-12), the RAM file's name. */
+  readonly uuidText: string;
+  /** Guest RAM: the sparse file `<runDir>/<uuidText>.ram`. */
+  readonly memory: VmMemory;
+  /** The synthetic kernel: slide, symbols, page tables, processes. */
+  readonly kernel: KernelLayout;
   readonly pageTables: PageTableLayout;
+  /** EPT restrictions (VM_SET_PAGE_ACCESS). */
+  readonly ept = new EptAccess();
   readonly vcpus: readonly SimVcpu[];
   readonly profile: HostProfile;
   readonly pureV12: boolean;
@@ -110,7 +150,9 @@ export class SimVm extends EventEmitter<SimVmEvents> implements VcpuHost {
   readonly stats: VmStats = newVmStats();
   /** QEMU_CLOCK_REALTIME ms at creation (the handshake's start_time). */
   readonly startTimeMs: bigint;
-  private readonly restrictions_ = new Map<number, number>();
+  private readonly removeRamOnClose: boolean;
+  /** The per-VM temporary run dir (default), removed at close. */
+  private readonly ownDir: string | null;
   private hook_: KvmiHook | null = null;
   private generation = 0;
   private readonly prng: Prng;
@@ -128,21 +170,44 @@ export class SimVm extends EventEmitter<SimVmEvents> implements VcpuHost {
     this.paddingNoise = opts.paddingNoise ?? true;
     this.stallThresholdMs = opts.stallThresholdMs ?? 1000;
     this.startTimeMs = BigInt(Date.now());
-    this.memory = new GuestMemory({ memoryMiB: opts.memoryMiB ?? 64, ...(opts.holes ? { holes: opts.holes } : {}) });
-    this.pageTables = buildPageTables(this.memory);
+    this.uuidText = uuidText(this.uuid);
     const n = opts.vcpus ?? 1;
     if (!Number.isInteger(n) || n < 1 || n > 0xffff) throw new SimError('invalid-argument', 'vcpus must be in [1, 65535]');
+    const memoryMiB = opts.memoryMiB ?? 64;
+    if (!Number.isInteger(memoryMiB) || memoryMiB < MIN_MEMORY_MIB) {
+      throw new SimError('invalid-argument', `memoryMiB must be an integer ≥ ${MIN_MEMORY_MIB}`);
+    }
+    const runDir = opts.runDir ?? tempRunDir();
+    this.ownDir = opts.runDir === undefined ? runDir : null;
+    this.removeRamOnClose = opts.removeRamOnClose ?? opts.runDir === undefined;
+    this.memory = new VmMemory({ dir: runDir, uuid: this.uuidText, memoryMiB, ...(opts.holes ? { holes: opts.holes } : {}) });
+    try {
+      const slot = opts.kaslrSlot ?? randInt(mulberry32(deriveSeed(seed, 0x4b41534c, this.index)), 1 << 30);
+      this.kernel = bootKernel(this.memory, slot);
+    } catch (err) {
+      this.memory.release(true);
+      if (this.ownDir) rmSync(this.ownDir, { recursive: true, force: true });
+      throw err;
+    }
+    const k = this.kernel;
+    this.pageTables = { cr3: k.cr3, identityBytes: k.identityBytes, kernelBase: KERNEL_BASE, tablePages: k.tablePages };
     const vcpus: SimVcpu[] = [];
     for (let i = 0; i < n; i++) {
+      const online = i === 0 || (opts.apsOnline ?? false);
       vcpus.push(
         new SimVcpu(this, {
           index: i,
           seed: deriveSeed(seed, 0x7663, this.index),
           jitterMs: opts.jitterMs ?? 2,
-          online: i === 0 || (opts.apsOnline ?? false),
-          cr3: this.pageTables.cr3,
-          rip: this.pageTables.kernelBase + 0x100000n,
-          rsp: this.pageTables.kernelBase + 0x200000n - 0x10n * BigInt(i + 1),
+          online,
+          cr3: k.cr3,
+          rip: KERNEL_BASE + 0x100000n,
+          rsp: KERNEL_BASE + 0x200000n - 0x10n * BigInt(i + 1),
+          booted: online && (opts.booted ?? true),
+          lstar: k.symbol('entry_SYSCALL_64'),
+          cstar: k.symbol('entry_SYSCALL_compat'),
+          idt: { base: k.symbol('idt_table'), limit: 0xfff },
+          gdt: { base: k.symbol('gdt_page'), limit: 0x7f },
         }),
       );
     }
@@ -162,9 +227,23 @@ export class SimVm extends EventEmitter<SimVmEvents> implements VcpuHost {
   get connected(): boolean {
     return this.hook_?.alive ?? false;
   }
-  /** EPT restrictions: gfn → allowed access bits (R=1, W=2, X=4); absent = rwx. */
+  /** EPT restrictions: gfn → allowed access bits (R=1, W=2, X=4); absent = rwx. A snapshot of `ept`. */
   get restrictions(): ReadonlyMap<number, number> {
-    return this.restrictions_;
+    const m = new Map<number, number>();
+    for (const [gfn, bits] of this.ept.entries()) m.set(Number(gfn), bits);
+    return m;
+  }
+
+  /**
+   * Release guest RAM (the VM is destroyed): UNHOOK if hooked, close the RAM file's descriptor and,
+   * unless the file was created in a run dir the caller gave (see `removeRamOnClose`), delete it.
+   * Memory accesses afterwards throw. Idempotent.
+   */
+  close(): void {
+    if (this.hook_) this.unhook();
+    if (this.memory.released) return;
+    this.memory.release(this.removeRamOnClose);
+    if (this.ownDir && this.removeRamOnClose) rmSync(this.ownDir, { recursive: true, force: true });
   }
 
   vcpu(i: number): SimVcpu {
@@ -260,7 +339,7 @@ export class SimVm extends EventEmitter<SimVmEvents> implements VcpuHost {
     this.hook_ = null; // first, so that listeners of 'connection-lost' see an unhooked VM
     this.lose(hook, 'unhook', false);
     for (const v of this.vcpus) v.freeIntrospection(hook.restoreOnUnhook);
-    this.restrictions_.clear();
+    this.ept.clear();
     hook.mapTokens.clear();
     this.stats.unhooks++;
     this.emit('unhooked');
@@ -292,6 +371,16 @@ export class SimVm extends EventEmitter<SimVmEvents> implements VcpuHost {
   /** @internal */
   vcpuCrashed(index: number): void {
     this.emit('vcpu-crash', index);
+  }
+
+  /** @internal */
+  guestEvent(record: GuestEventRecord): void {
+    if (this.listenerCount('guest-event') > 0) this.emit('guest-event', record);
+  }
+
+  /** @internal */
+  livelock(report: LivelockReport): void {
+    this.emit('livelock', report);
   }
 
   // ---- the receive thread -------------------------------------------------------------------------
@@ -389,8 +478,7 @@ export class SimVm extends EventEmitter<SimVmEvents> implements VcpuHost {
       if (!structs.kvmi_page_access_entry.paddingIsZero(m.body, first + i * size)) ec = KvmErrno.EINVAL;
       else if ((e.access & ~PageAccess.RWX) !== 0) ec = KvmErrno.EINVAL;
       else if (!this.memory.isBacked(e.gpa)) ec = KvmErrno.EINVAL;
-      else if (e.access === PageAccess.RWX) this.restrictions_.delete(gfnOf(e.gpa));
-      else this.restrictions_.set(gfnOf(e.gpa), e.access);
+      else this.ept.set(BigInt(gfnOf(e.gpa)), e.access);
       if (ec !== 0 && err === 0) err = ec;
     });
     return err;
@@ -443,6 +531,12 @@ export class SimVm extends EventEmitter<SimVmEvents> implements VcpuHost {
         throw new Error(`simulator: no handler for VM command ${m.def.name}`);
     }
   }
+}
+
+/** 8-4-4-4-12 hex. */
+function uuidText(b: Uint8Array): string {
+  const h = Buffer.from(b).toString('hex');
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
 }
 
 /** A random (version 4) uuid from the VM's generator. */

@@ -276,6 +276,7 @@ export async function startVm(
     cleanup: async () => {
       qemu.stop();
       await server.close();
+      vm.close();
       if (vm.stats.internalErrors > 0) throw new Error(`the simulator had ${vm.stats.internalErrors} internal errors`);
     },
   };
