@@ -3,5 +3,5 @@ import { defineProject } from 'vitest/config';
 export default defineProject({
   resolve: { conditions: ['@periscope/source'] },
   ssr: { resolve: { conditions: ['@periscope/source'] } },
-  test: { name: 'kvmi', include: ['test/**/*.test.ts', 'src/**/*.test.ts'], environment: 'node' },
+  test: { name: 'kvmi', include: ['test/**/*.test.ts', 'src/**/*.test.ts'], environment: 'node', testTimeout: 20_000, hookTimeout: 20_000 },
 });

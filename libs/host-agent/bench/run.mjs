@@ -27,6 +27,7 @@ const IDLE_VMS = Number(process.env.AGENT_BENCH_IDLE_VMS ?? 1024);
 const SMEP = 1n << 20n;
 const KERNEL_BASE = 0xffffffff80000000n;
 
+const progress = (msg) => process.stderr.write(`[agent bench] ${msg}\n`);
 const pct = (sorted, p) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 async function until(cond, ms = 30000) {
@@ -65,6 +66,7 @@ if (process.argv[2] === '--raw-responder') {
       }
     });
     sock.on('error', () => undefined);
+    sock.resume(); // the handshake leaves the socket paused
   });
   server.listen(path, () => process.send?.('ready'));
   process.on('disconnect', () => process.exit(0));
@@ -107,11 +109,13 @@ async function main() {
   const opts = { jitterMs: 0, paddingNoise: true };
 
   // B1 with the agent.
+  progress(`B1: agent + ${VMS} VMs`);
   const agent = await startAgent(dir, policyPath);
   const fleet = new sim.Simulator({ introspector: join(dir, 'k.sock'), vms: VMS, vcpus: 1, key: Buffer.from('bench'), ...opts, apsOnline: true });
   await fleet.start();
   await until(() => fleet.vms.every((v) => v.hooked));
   await sleep(500); // let every attach sequence finish
+  progress(`B1: ${ROUNDS} CR rounds through the agent`);
   const withAgent = await crRounds(fleet.vms[0], ROUNDS);
   // B2: PF skip on VM 1 (page restricted by a policy-independent page-access entry is not available
   // through the CLI; the default policy's kernel-text rule covers writes to the kernel image mapping).
@@ -120,6 +124,7 @@ async function main() {
   await new Promise((r) => agent.once('exit', r));
 
   // B1 with the raw responder.
+  progress('B1: raw responder');
   const rawDir = mkdtempSync(join(tmpdir(), 'hab-raw-'));
   const raw = fork(fileURLToPath(import.meta.url), ['--raw-responder', join(rawDir, 'k.sock')], { stdio: 'inherit' });
   await new Promise((r) => raw.once('message', r));
@@ -132,6 +137,7 @@ async function main() {
   raw.kill();
 
   // B3: RSS with 1024 idle VMs.
+  progress(`B3: ${IDLE_VMS} idle VMs`);
   const idleDir = mkdtempSync(join(tmpdir(), 'hab-idle-'));
   const idleAgent = await startAgent(idleDir, policyPath);
   const rssBefore = rssMiB(idleAgent.pid);

@@ -25,6 +25,8 @@ export interface KvmiListenerOptions {
   /** Numeric gid for the socket files (QEMU's group); mode is 0660. */
   socketGid?: number;
   handshakeTimeoutMs?: number;
+  /** Per-VM bound on queued writes (see VmConnectionOptions.maxQueuedBytes). */
+  maxQueuedBytes?: number;
   onAttached?: (vm: VmConnection, info: VmInfo) => void;
   onDetached?: (vm: VmConnection, reason: string) => void;
 }
@@ -106,6 +108,7 @@ export class KvmiListener {
       plan: this.opts.plan,
       decide: this.opts.decide,
       log: this.opts.log,
+      ...(this.opts.maxQueuedBytes !== undefined ? { maxQueuedBytes: this.opts.maxQueuedBytes } : {}),
       onDetached: (v, reason) => {
         if (this.vms.get(v.uuid) === v) this.vms.delete(v.uuid);
         this.opts.onDetached?.(v, reason);

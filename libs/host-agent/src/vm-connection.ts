@@ -82,6 +82,8 @@ export interface VmConnectionOptions {
   /** Retry interval for vCPUs answering EAGAIN. Default 50 ms. */
   eagainRetryMs?: number;
   commandTimeoutMs?: number;
+  /** Bound on bytes queued for a VM that stops reading (default 4 MiB); past it only that VM is closed. */
+  maxQueuedBytes?: number;
 }
 
 interface HeldEvent {
@@ -121,6 +123,7 @@ export class VmConnection {
       leftover: opts.hello.leftover,
       firstSeq: 2,
       commandTimeoutMs: opts.commandTimeoutMs ?? 5000,
+      ...(opts.maxQueuedBytes !== undefined ? { maxQueuedBytes: opts.maxQueuedBytes } : {}),
       onVcpuEvent: (view) => this.onEvent(view),
       onVmEvent: () => {
         this.opts.log('info', 'KVMI_VM_EVENT_UNHOOK received: detaching', { vm: this.uuid });

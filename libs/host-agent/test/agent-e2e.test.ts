@@ -33,7 +33,7 @@ const denyPinnedClears: Decide = (view) => {
 
 const plan: ProtectionPlan = { vcpuEvents: ['CR', 'MSR', 'PF'], crs: [0, 4], msrs: [0xc0000082], pageAccess: [] };
 
-async function startAgent(opts: { secret: string; plan?: ProtectionPlan }) {
+async function startAgent(opts: { secret: string; plan?: ProtectionPlan; maxQueuedBytes?: number }) {
   const dir = mkdtempSync(join(tmpdir(), 'ha-'));
   const path = join(dir, 'kvmi.sock');
   const logs: string[] = [];
@@ -45,6 +45,7 @@ async function startAgent(opts: { secret: string; plan?: ProtectionPlan }) {
     decide: denyPinnedClears,
     log: (level, msg) => logs.push(`${level}: ${msg}`),
     onAttached: (vm) => attached.push(vm),
+    ...(opts.maxQueuedBytes !== undefined ? { maxQueuedBytes: opts.maxQueuedBytes } : {}),
   });
   await listener.start();
   cleanups.push(async () => {
@@ -244,7 +245,7 @@ describe('host agent: misbehaving peers are isolated', () => {
   it('a garbage-spewing peer and a peer that stops reading are closed with a logged reason; a healthy VM is unaffected', async () => {
     const { connect } = await import('node:net');
     const { performQemuHandshake, encodeVcpuEvent, encodeReply, structs: S } = await import('@periscope/kvmi');
-    const agent = await startAgent({ secret: 'unused: these QEMUs have no key' });
+    const agent = await startAgent({ secret: 'unused: these QEMUs have no key', maxQueuedBytes: 128 * 1024 });
     // Healthy VM.
     const vm = new SimVm({ vcpus: 1, seed: 21, name: 'healthy' });
     const qemu = new SimQemu(vm, { path: agent.path, reconnectSeconds: 10 });

@@ -488,10 +488,17 @@ export function attachFraming(
     onError: (err) => {
       socket.off('data', onData);
       report(err);
-      socket.destroy();
+      // Messages already produced (e.g. the reply to the command before a malformed header) still
+      // leave, as they would have from a kernel that answers each message before reading the next.
+      const timer = setTimeout(() => socket.destroy(), 100);
+      timer.unref();
+      void writer.close().finally(() => {
+        clearTimeout(timer);
+        socket.destroy();
+      });
     },
   });
-  const writer = new FrameWriter(socket, options.maxBatchBytes === undefined ? {} : { maxBatchBytes: options.maxBatchBytes });
+  const writer: FrameWriter = new FrameWriter(socket, options.maxBatchBytes === undefined ? {} : { maxBatchBytes: options.maxBatchBytes });
   const onData = (chunk: Buffer | string): void => {
     if (typeof chunk === 'string') {
       reader.stop();

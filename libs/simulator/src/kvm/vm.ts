@@ -394,7 +394,17 @@ export class SimVm extends EventEmitter<SimVmEvents> implements VcpuHost {
     this.stats.lastLossReason = reason;
     if (hard) this.stats.hardErrors++;
     hook.reader.stop();
-    if (!hook.socket.destroyed) hook.socket.destroy();
+    if (!hook.socket.destroyed) {
+      // KVM answers each VM command before reading the next message, so replies already produced
+      // leave before the shutdown (a hard error in the same write must not swallow them).
+      const socket = hook.socket;
+      const timer = setTimeout(() => socket.destroy(), 100);
+      timer.unref();
+      void hook.writer.close().finally(() => {
+        clearTimeout(timer);
+        socket.destroy();
+      });
+    }
     if (this.hook_ === hook) for (const v of this.vcpus) v.queueRelease();
     this.emit('connection-lost', reason);
   }
