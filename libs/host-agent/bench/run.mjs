@@ -38,42 +38,6 @@ async function until(cond, ms = 30000) {
   }
 }
 
-// ---- raw responder (child process) ---------------------------------------------------------------
-if (process.argv[2] === '--raw-responder') {
-  const path = process.argv[3];
-  const reply = kvmi.encodeEventReply({ seq: 0, vcpu: 0, event: kvmi.events.CR }, 'CONTINUE', { new_val: 0n });
-  const server = createServer(async (sock) => {
-    const hello = await kvmi.acceptQemuHandshake(sock, { cookieFor: () => Buffer.from('bench') });
-    // Enable CR events + CR4 interception on vCPU 0; replies to these commands are ignored.
-    sock.write(Buffer.concat([
-      kvmi.encodeCommand('VCPU_CONTROL_EVENTS', 1, { vcpu: 0, event_id: kvmi.events.CR.id, enable: 1 }),
-      kvmi.encodeCommand('VCPU_CONTROL_CR', 2, { vcpu: 0, cr: 4, enable: 1 }),
-    ]));
-    let buf = hello.leftover;
-    sock.on('data', (chunk) => {
-      buf = buf.length ? Buffer.concat([buf, chunk]) : chunk;
-      while (buf.length >= 8) {
-        const size = buf.readUInt16LE(2);
-        if (buf.length < 8 + size) break;
-        if (buf.readUInt16LE(0) === 1 && size >= 552) {
-          const r = Buffer.from(reply);
-          r.writeUInt32LE(buf.readUInt32LE(4), 4); // seq patched; new_val = old value, pre-read below
-          // new_val: the event's old_value (deny), copied byte for byte from the event (no decoding).
-          buf.copy(r, 24, 8 + 552 + 8, 8 + 552 + 16);
-          sock.write(r);
-        }
-        buf = buf.subarray(8 + size);
-      }
-    });
-    sock.on('error', () => undefined);
-    sock.resume(); // the handshake leaves the socket paused
-  });
-  server.listen(path, () => process.send?.('ready'));
-  process.on('disconnect', () => process.exit(0));
-} else {
-  await main();
-}
-
 async function crRounds(vm, rounds) {
   const cpu = vm.vcpus[0];
   const samples = new Float64Array(rounds);
@@ -93,9 +57,16 @@ function rssMiB(pid) {
   return m ? Number(m[1]) / 1024 : NaN;
 }
 
+const children = new Set();
+process.on('exit', () => {
+  for (const c of children) c.kill('SIGKILL');
+});
+
 async function startAgent(dir, policyPath) {
   writeFileSync(join(dir, 'cookie'), 'bench');
   const child = spawn(process.execPath, [join(root, 'bin/periscope'), 'host-agent', '--kvmi-listen', `unix:${dir}/k.sock`, '--cookie-file', join(dir, 'cookie'), '--policy', policyPath, '--metrics-listen', '127.0.0.1:0'.replace(':0', `:${20000 + Math.floor(Math.random() * 20000)}`), '--api-listen', `unix:${dir}/api.sock`, '--log-level', 'warn'], { stdio: ['ignore', 'ignore', 'inherit'] });
+  children.add(child);
+  child.once('exit', () => children.delete(child));
   await until(() => existsSync(join(dir, 'api.sock')));
   return child;
 }
@@ -127,6 +98,7 @@ async function main() {
   progress('B1: raw responder');
   const rawDir = mkdtempSync(join(tmpdir(), 'hab-raw-'));
   const raw = fork(fileURLToPath(import.meta.url), ['--raw-responder', join(rawDir, 'k.sock')], { stdio: 'inherit' });
+  children.add(raw);
   await new Promise((r) => raw.once('message', r));
   const rawFleet = new sim.Simulator({ introspector: join(rawDir, 'k.sock'), vms: VMS, vcpus: 1, key: Buffer.from('bench'), ...opts, apsOnline: true });
   await rawFleet.start();
@@ -141,7 +113,7 @@ async function main() {
   const idleDir = mkdtempSync(join(tmpdir(), 'hab-idle-'));
   const idleAgent = await startAgent(idleDir, policyPath);
   const rssBefore = rssMiB(idleAgent.pid);
-  const idle = new sim.Simulator({ introspector: join(idleDir, 'k.sock'), vms: IDLE_VMS, vcpus: 1, key: Buffer.from('bench'), ...opts, apsOnline: true, memoryMiB: 4 });
+  const idle = new sim.Simulator({ introspector: join(idleDir, 'k.sock'), vms: IDLE_VMS, vcpus: 1, key: Buffer.from('bench'), ...opts, apsOnline: true, memoryMiB: 32 });
   await idle.start();
   await until(() => idle.vms.every((v) => v.hooked), 120000);
   await sleep(1500);
@@ -161,3 +133,40 @@ async function main() {
   console.log(`\nB3. agent RSS: ${rssBefore.toFixed(0)} MiB at start, ${rssIdle.toFixed(0)} MiB with ${IDLE_VMS} idle VMs attached (target ≤ 512 MiB)`);
   console.log(JSON.stringify({ bench: 'host-agent', vms: VMS, rules: merged.rules.length, stall: { agent: withAgent, raw: withRaw, ratioP50: withAgent.p50 / withRaw.p50, ratioP99: withAgent.p99 / withRaw.p99 }, rssMiB: { start: rssBefore, idleVms: IDLE_VMS, attached: rssIdle } }));
 }
+
+// ---- raw responder (child process) ---------------------------------------------------------------
+function rawResponder(path) {
+  const reply = kvmi.encodeEventReply({ seq: 0, vcpu: 0, event: kvmi.events.CR }, 'CONTINUE', { new_val: 0n });
+  const server = createServer(async (sock) => {
+    const hello = await kvmi.acceptQemuHandshake(sock, { cookieFor: () => Buffer.from('bench') });
+    // Enable CR events + CR4 interception on vCPU 0; replies to these commands are ignored.
+    sock.write(Buffer.concat([
+      kvmi.encodeCommand('VCPU_CONTROL_EVENTS', 1, { vcpu: 0, event_id: kvmi.events.CR.id, enable: 1 }),
+      kvmi.encodeCommand('VCPU_CONTROL_CR', 2, { vcpu: 0, cr: 4, enable: 1 }),
+    ]));
+    let buf = hello.leftover;
+    sock.on('data', (chunk) => {
+      buf = buf.length ? Buffer.concat([buf, chunk]) : chunk;
+      while (buf.length >= 8) {
+        const size = buf.readUInt16LE(2);
+        if (buf.length < 8 + size) break;
+        if (buf.readUInt16LE(0) === 1 && size >= 552) {
+          const r = Buffer.from(reply);
+          r.writeUInt32LE(buf.readUInt32LE(4), 4); // seq patched; new_val = old value, pre-read below
+          // new_val: the event's old_value (deny), copied byte for byte from the event (no decoding).
+          buf.copy(r, 24, 8 + 552 + 8, 8 + 552 + 16);
+          sock.write(r);
+        }
+        buf = buf.subarray(8 + size);
+      }
+    });
+    sock.on('error', () => undefined);
+    sock.resume(); // the handshake leaves the socket paused
+  });
+  server.listen(path, () => process.send?.('ready'));
+  process.on('disconnect', () => process.exit(0));
+}
+
+
+if (process.argv[2] === '--raw-responder') rawResponder(process.argv[3]);
+else await main();
