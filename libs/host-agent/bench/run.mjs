@@ -11,6 +11,7 @@
 import { fork, spawn } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync, existsSync } from 'node:fs';
 import { createServer } from 'node:net';
+import { request } from 'node:http';
 import { cpus, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -52,6 +53,21 @@ async function crRounds(vm, rounds) {
   return { p50: pct(s, 50), p99: pct(s, 99), n: s.length };
 }
 
+/** The agent's local API: every VM attached and protected (attach sequences finished). */
+async function allProtected(dir, n) {
+  const body = await new Promise((resolve, reject) => {
+    const req = request({ socketPath: join(dir, 'api.sock'), path: '/v1/vms' }, (res) => {
+      let b = '';
+      res.on('data', (c) => (b += c));
+      res.on('end', () => resolve(b));
+    });
+    req.on('error', reject);
+    req.end();
+  });
+  const vms = JSON.parse(body).vms;
+  return vms.length === n && vms.every((v) => v.state === 'protected');
+}
+
 function rssMiB(pid) {
   const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
   return m ? Number(m[1]) / 1024 : NaN;
@@ -84,8 +100,7 @@ async function main() {
   const agent = await startAgent(dir, policyPath);
   const fleet = new sim.Simulator({ introspector: join(dir, 'k.sock'), vms: VMS, vcpus: 1, key: Buffer.from('bench'), ...opts, apsOnline: true });
   await fleet.start();
-  await until(() => fleet.vms.every((v) => v.hooked));
-  await sleep(500); // let every attach sequence finish
+  await until(() => allProtected(dir, VMS), 120000);
   progress(`B1: ${ROUNDS} CR rounds through the agent`);
   const withAgent = await crRounds(fleet.vms[0], ROUNDS);
   // B2: PF skip on VM 1 (page restricted by a policy-independent page-access entry is not available
@@ -115,8 +130,8 @@ async function main() {
   const rssBefore = rssMiB(idleAgent.pid);
   const idle = new sim.Simulator({ introspector: join(idleDir, 'k.sock'), vms: IDLE_VMS, vcpus: 1, key: Buffer.from('bench'), ...opts, apsOnline: true, memoryMiB: 32 });
   await idle.start();
-  await until(() => idle.vms.every((v) => v.hooked), 120000);
-  await sleep(1500);
+  await until(() => allProtected(idleDir, IDLE_VMS), 300000);
+  await sleep(500);
   const rssIdle = rssMiB(idleAgent.pid);
   await idle.shutdown();
   idleAgent.kill('SIGTERM');

@@ -44,10 +44,31 @@ export class HostAgent {
     const stall = r.histogram('periscope_agent_vcpu_stall_seconds', 'vCPU stall: event received to reply written', STALL_BUCKETS);
     const attached = r.counter('periscope_agent_vm_attach_total', 'VM attaches');
     const detached = r.counter('periscope_agent_vm_detach_total', 'VM detaches, by reason');
+    // Label sets are bound once and cached by number/constant keys: no strings built per event.
+    const eventCounters = new Map<number, { inc(): void }>();
+    const verdictCounters = new Map<number, Map<string, { inc(): void }>>();
+    const stallSeries = new Map<number, Map<string | number, { observe(v: number): void }>>();
     const decide = policyDecider(compiled, (_vm, v) => {
-      eventsTotal.inc({ kind: EVENT_NAME.get(v.eventId) ?? String(v.eventId) });
-      verdicts.inc({ rule: v.ruleId ?? 'default', action: v.kind });
+      let ec = eventCounters.get(v.eventId);
+      if (!ec) eventCounters.set(v.eventId, (ec = eventsTotal.bind({ kind: EVENT_NAME.get(v.eventId) ?? String(v.eventId) })));
+      ec.inc();
+      const key = v.ruleIndex * 64 + v.eventId; // a rule may apply to several kinds; defaults are per kind
+      let byAction = verdictCounters.get(key);
+      if (!byAction) verdictCounters.set(key, (byAction = new Map()));
+      let vc = byAction.get(v.kind);
+      if (!vc) byAction.set(v.kind, (vc = verdicts.bind({ rule: v.ruleId ?? 'default', action: v.kind })));
+      vc.inc();
     });
+    const stallFor = (eventId: number, outcome: string | number) => {
+      let byOutcome = stallSeries.get(eventId);
+      if (!byOutcome) stallSeries.set(eventId, (byOutcome = new Map()));
+      let h = byOutcome.get(outcome);
+      if (!h) {
+        const action = typeof outcome === 'number' ? (ACTION_NAME[outcome] ?? '?') : outcome;
+        byOutcome.set(outcome, (h = stall.bind({ kind: EVENT_NAME.get(eventId) ?? '?', action })));
+      }
+      return h;
+    };
     this.listener = new KvmiListener({
       paths: opts.kvmiPaths,
       cookies: opts.cookies,
@@ -57,8 +78,7 @@ export class HostAgent {
       ...(opts.socketGid !== undefined ? { socketGid: opts.socketGid } : {}),
       onAttached: (vm) => {
         attached.inc();
-        vm.onStall = (ns, eventId, d) =>
-          stall.observe(Number(ns) / 1e9, { kind: EVENT_NAME.get(eventId) ?? '?', action: d.kind === 'reply' ? (ACTION_NAME[d.action] ?? '?') : d.kind });
+        vm.onStall = (ns, eventId, d) => stallFor(eventId, d.kind === 'reply' ? d.action : d.kind).observe(Number(ns) / 1e9);
       },
       onDetached: (_vm, reason) => detached.inc({ reason }),
     });

@@ -24,6 +24,13 @@ export class Counter implements Metric {
   get(labels: Labels = {}): number {
     return this.values.get(labelKey(labels)) ?? 0;
   }
+  /** A child bound to one label set: `inc` without building the label string again (hot paths). */
+  bind(labels: Labels): { inc(by?: number): void } {
+    const k = labelKey(labels);
+    if (!this.values.has(k)) this.values.set(k, 0);
+    const values = this.values;
+    return { inc: (by = 1) => values.set(k, values.get(k)! + by) };
+  }
   render(): string {
     const lines = [`# HELP ${this.name} ${this.help}`, `# TYPE ${this.name} counter`];
     for (const [k, v] of this.values) lines.push(`${this.name}${k ? `{${k}}` : ''} ${v}`);
@@ -50,15 +57,25 @@ export class Histogram implements Metric {
   /** Upper bounds in the histogram's unit (seconds for durations). */
   constructor(readonly name: string, readonly help: string, readonly buckets: readonly number[]) {}
   observe(value: number, labels: Labels = {}): void {
+    this.bind(labels).observe(value);
+  }
+  /** A child bound to one label set (hot paths: no label string per observation). */
+  bind(labels: Labels): { observe(value: number): void } {
     const k = labelKey(labels);
     let s = this.series.get(k);
     if (!s) {
       s = { counts: new Float64Array(this.buckets.length), sum: 0, count: 0 };
       this.series.set(k, s);
     }
-    for (let i = 0; i < this.buckets.length; i++) if (value <= this.buckets[i]!) s.counts[i]! += 1;
-    s.sum += value;
-    s.count += 1;
+    const series = s;
+    const buckets = this.buckets;
+    return {
+      observe: (value: number) => {
+        for (let i = 0; i < buckets.length; i++) if (value <= buckets[i]!) series.counts[i]! += 1;
+        series.sum += value;
+        series.count += 1;
+      },
+    };
   }
   render(): string {
     const lines = [`# HELP ${this.name} ${this.help}`, `# TYPE ${this.name} histogram`];
