@@ -33,7 +33,7 @@ const denyPinnedClears: Decide = (view) => {
 
 const plan: ProtectionPlan = { vcpuEvents: ['CR', 'MSR', 'PF'], crs: [0, 4], msrs: [0xc0000082], pageAccess: [] };
 
-async function startAgent(opts: { secret: string; plan?: ProtectionPlan; maxQueuedBytes?: number }) {
+async function startAgent(opts: { secret: string; plan?: ProtectionPlan; maxQueuedBytes?: number; decide?: Decide }) {
   const dir = mkdtempSync(join(tmpdir(), 'ha-'));
   const path = join(dir, 'kvmi.sock');
   const logs: string[] = [];
@@ -42,7 +42,7 @@ async function startAgent(opts: { secret: string; plan?: ProtectionPlan; maxQueu
     paths: [path],
     cookies: parseCookies(Buffer.from(opts.secret)),
     plan: opts.plan ?? plan,
-    decide: denyPinnedClears,
+    decide: opts.decide ?? denyPinnedClears,
     log: (level, msg) => logs.push(`${level}: ${msg}`),
     onAttached: (vm) => attached.push(vm),
     ...(opts.maxQueuedBytes !== undefined ? { maxQueuedBytes: opts.maxQueuedBytes } : {}),
@@ -160,25 +160,14 @@ describe('host agent: denying a kernel write by skipping the instruction', () =>
     const CODE = 0x500000n; // where the writing instruction lives
     const skipWrites: Decide = (view) =>
       view.eventId === events.PF.id ? { kind: 'skip', fallback: EventAction.CONTINUE, ruleId: 'text-write' } : { kind: 'reply', action: EventAction.CONTINUE };
-    const dir = mkdtempSync(join(tmpdir(), 'ha-'));
-    const path = join(dir, 'k.sock');
-    const attached: VmConnection[] = [];
-    const listener = new KvmiListener({
-      paths: [path],
-      cookies: parseCookies(Buffer.from('s')),
+    const { path, attached } = await startAgent({
+      secret: 's',
       plan: { vcpuEvents: ['PF'], crs: [], msrs: [], pageAccess: [{ gpa: TEXT, access: 5 }] }, // R+X: no writes
       decide: skipWrites,
-      log: () => undefined,
-      onAttached: (vm) => attached.push(vm),
     });
-    await listener.start();
     const vm = new SimVm({ vcpus: 1, seed: 4 });
     const qemu = new SimQemu(vm, { path, key: Buffer.from('s'), reconnectSeconds: 10 });
-    cleanups.push(async () => {
-      qemu.stop();
-      await listener.stop(200);
-      rmSync(dir, { recursive: true, force: true });
-    });
+    cleanups.push(() => qemu.stop());
     qemu.start();
     await until(() => attached.length === 1 && attached[0]!.state === 'protected');
     // mov [rdi], rax — 48 89 07, 3 bytes (Intel SDM: REX.W 89 /r, ModRM 00 000 111), at RIP.
@@ -202,25 +191,10 @@ describe('host agent with the shipped default policy (compiled local rules)', ()
     const { policyDecider, planFromPolicy } = await import('../src/index.js');
     const policy = loadDefaultPolicy();
     const decide = policyDecider(compilePolicy(policy));
-    const dir = mkdtempSync(join(tmpdir(), 'ha-'));
-    const path = join(dir, 'k.sock');
-    const attached: VmConnection[] = [];
-    const listener = new KvmiListener({
-      paths: [path],
-      cookies: parseCookies(Buffer.from('s')),
-      plan: planFromPolicy(deriveInterception(policy)),
-      decide,
-      log: () => undefined,
-      onAttached: (vm) => attached.push(vm),
-    });
-    await listener.start();
+    const { path, attached } = await startAgent({ secret: 's', plan: planFromPolicy(deriveInterception(policy)), decide });
     const vm = new SimVm({ vcpus: 1, seed: 8 });
     const qemu = new SimQemu(vm, { path, key: Buffer.from('s'), reconnectSeconds: 10 });
-    cleanups.push(async () => {
-      qemu.stop();
-      await listener.stop(200);
-      rmSync(dir, { recursive: true, force: true });
-    });
+    cleanups.push(() => qemu.stop());
     qemu.start();
     await until(() => attached.length === 1 && attached[0]!.state === 'protected');
     const cpu = vm.vcpus[0]!;
