@@ -265,3 +265,45 @@ describe('host agent: misbehaving peers are isolated', () => {
     expect([...agent.listener.vms.values()].some((v) => v.info?.name === 'healthy')).toBe(true);
   });
 });
+
+describe('host agent: the guest continues at the next instruction after a skipped write', () => {
+  it('runs real guest code: mov [rdi], rax to protected text is skipped (RIP += 3), the nop after it runs, the text is unchanged', async () => {
+    const KERNEL_BASE = 0xffffffff80000000n;
+    const TEXT = 0x400000n;
+    const CODE = 0x500000n;
+    const skipWrites: Decide = (view) =>
+      view.eventId === events.PF.id ? { kind: 'skip', fallback: EventAction.CONTINUE } : { kind: 'reply', action: EventAction.CONTINUE };
+    const { path, attached } = await startAgent({ secret: 's', plan: { vcpuEvents: ['PF'], crs: [], msrs: [], pageAccess: [{ gpa: TEXT, access: 5 }] }, decide: skipWrites });
+    const vm = new SimVm({ vcpus: 1, seed: 6 });
+    const qemu = new SimQemu(vm, { path, key: Buffer.from('s'), reconnectSeconds: 10 });
+    cleanups.push(() => qemu.stop());
+    qemu.start();
+    await until(() => attached.length === 1 && attached[0]!.state === 'protected');
+    // mov [rdi], rax (48 89 07) ; nop (90) ; hlt (f4) — encodings from the Intel SDM, written by hand.
+    vm.memory.write(CODE, Buffer.from([0x48, 0x89, 0x07, 0x90, 0xf4]));
+    const before = Buffer.from(vm.memory.read(TEXT, 32)!);
+    const r = await vm.vcpus[0]!.run({
+      entry: KERNEL_BASE + CODE,
+      regs: { rdi: KERNEL_BASE + TEXT + 0x10n, rax: 0x4141414141414141n },
+      until: KERNEL_BASE + CODE + 4n, // just past the nop: the guest went on after the skipped write
+      maxInstructions: 50,
+    });
+    expect(r.events.map((e) => e.event)).toEqual(['PF']);
+    expect(r.rip).toBe(KERNEL_BASE + CODE + 4n);
+    expect(r.crashed).toBe(false);
+    expect(Buffer.from(vm.memory.read(TEXT, 32)!).equals(before)).toBe(true);
+    expect(attached[0]!.stats.skips).toBe(1);
+  });
+});
+
+describe('host agent: attaches a fleet', () => {
+  it('256 VMs attach and are protected, each on its own socket', async () => {
+    const { Simulator } = await import('@periscope/simulator');
+    const agent = await startAgent({ secret: 'fleet' });
+    const fleet = new Simulator({ introspector: agent.path, vms: 256, vcpus: 1, key: Buffer.from('fleet'), jitterMs: 0, apsOnline: true, memoryMiB: 32 });
+    cleanups.push(() => fleet.shutdown().then(() => undefined));
+    await fleet.start();
+    await until(() => agent.listener.vms.size === 256 && [...agent.listener.vms.values()].every((v) => v.state === 'protected'), 60_000);
+    expect(new Set([...agent.listener.vms.values()].map((v) => v.uuid)).size).toBe(256);
+  }, 90_000);
+});
