@@ -65,7 +65,7 @@ export async function main(argv: string[], io: Io = stdio): Promise<number> {
     return 0;
   }
   io.err(`periscope ${cmd.name}: not built yet — ${cmd.summary}; arrives with issue ${cmd.plannedIn}.`);
-  io.err('Built so far: the workspace, contracts, configuration, the KVMI v12 wire library and the simulator (`periscope sim --help`).');
+  io.err('Built so far: the KVMI v12 library, the simulator (`periscope sim --help`) and the host agent (`periscope host-agent --help`); README shows how to run them together.');
   // `npm start` runs `periscope demo`: until the demo exists it reports what is missing and exits 0.
   return cmd.name === 'demo' ? 0 : 3;
 }
