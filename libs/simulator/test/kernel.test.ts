@@ -10,8 +10,8 @@ import { readFileSync, writeFileSync } from 'node:fs';
 
 import { afterEach, describe, expect, it } from 'vitest';
 
-import { buildLinuxSimProfile, deriveSlide, LINUX_SIM_PROFILE_PATH, linuxSimProfile, SimError, SimQemu, SimVm } from '../src/index.js';
-import { RawListener, type RawTool } from './support/raw.js';
+import { buildLinuxSimProfile, deriveSlide, LINUX_SIM_PROFILE_PATH, linuxSimProfile, SimError, SimVm } from '../src/index.js';
+import { type RawTool, attachRawTool } from './support/raw.js';
 
 const LSTAR = 0xc0000082;
 const cleanups: Array<() => Promise<void> | void> = [];
@@ -61,17 +61,8 @@ describe('the shipped guest OS profile', () => {
 });
 
 async function attach(seed: number): Promise<{ vm: SimVm; tool: RawTool }> {
-  const listener = await RawListener.listen();
-  const vm = new SimVm({ seed, vcpus: 2, apsOnline: true, jitterMs: 0 });
-  const qemu = new SimQemu(vm, { path: listener.path, key: Buffer.from('raw-secret'), reconnectSeconds: 60 });
-  cleanups.push(async () => {
-    qemu.stop();
-    await listener.close();
-    vm.close();
-  });
-  qemu.start();
-  const tool = await listener.next();
-  await qemu.waitHooked();
+  const { vm, tool, cleanup } = await attachRawTool({ seed, vcpus: 2, apsOnline: true, jitterMs: 0 });
+  cleanups.push(cleanup);
   return { vm, tool };
 }
 

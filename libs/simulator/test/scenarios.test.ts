@@ -27,12 +27,11 @@ import {
   runScenario,
   shippedScenarioFiles,
   SimError,
-  SimQemu,
   SimVm,
   type DerivedKernel,
   type ScenarioReport,
 } from '../src/index.js';
-import { ACTION, EV, MSG, RawListener, type RawEvent, type RawTool } from './support/raw.js';
+import { ACTION, EV, MSG, type RawEvent, type RawTool, attachRawTool } from './support/raw.js';
 import { respond } from './support/responder.js';
 import { startVm } from './support/tool.js';
 
@@ -166,17 +165,8 @@ async function textIntegrity(tool: RawTool, kernel: DerivedKernel): Promise<bigi
 }
 
 async function setup(vcpus: number, seed: number): Promise<{ vm: SimVm; tool: RawTool }> {
-  const listener = await RawListener.listen();
-  const vm = new SimVm({ vcpus, seed, jitterMs: 0 });
-  const qemu = new SimQemu(vm, { path: listener.path, key: Buffer.from('raw-secret'), reconnectSeconds: 60 });
-  cleanups.push(async () => {
-    qemu.stop();
-    await listener.close();
-    vm.close();
-  });
-  qemu.start();
-  const tool = await listener.next();
-  await qemu.waitHooked();
+  const { vm, tool, cleanup } = await attachRawTool({ vcpus, seed, jitterMs: 0 });
+  cleanups.push(cleanup);
   return { vm, tool };
 }
 

@@ -9,6 +9,7 @@ import { rmSync } from 'node:fs';
 import net from 'node:net';
 
 import { acceptQemuHandshake } from '@periscope/kvmi';
+import { SimQemu, SimVm, type SimVmOptions } from '../../src/index.js';
 
 // ---- constants from the sheet ---------------------------------------------------------------------
 
@@ -288,4 +289,26 @@ export class RawListener {
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
     rmSync(this.path, { force: true });
   }
+}
+
+/**
+ * One simulated VM hooked to a fresh RawListener through the real handshake; returns the VM, the raw
+ * tool end, and a cleanup to run after the test.
+ */
+export async function attachRawTool(vmOptions: SimVmOptions): Promise<{ vm: SimVm; tool: RawTool; cleanup: () => Promise<void> }> {
+  const listener = await RawListener.listen();
+  const vm = new SimVm(vmOptions);
+  const qemu = new SimQemu(vm, { path: listener.path, key: Buffer.from('raw-secret'), reconnectSeconds: 60 });
+  qemu.start();
+  const tool = await listener.next();
+  await qemu.waitHooked();
+  return {
+    vm,
+    tool,
+    cleanup: async () => {
+      qemu.stop();
+      await listener.close();
+      vm.close();
+    },
+  };
 }
