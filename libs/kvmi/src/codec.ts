@@ -494,6 +494,8 @@ export type KernelMessage =
   /** An event reply for a vCPU; check it with `checkEventReply` on that vCPU. */
   | { kind: 'event-reply'; seq: number; vcpu: number; payload: Buffer };
 
+const VCPU_HDR_VCPU_OFF = S.kvmi_vcpu_hdr.field('vcpu').offset;
+
 /** Is `id` a command this kernel knows (extensions count only when enabled)? */
 export function kernelKnowsCommand(id: number, state: Pick<KernelState, 'extensionsEnabled'>): boolean {
   const def = commandDefById(id);
@@ -525,10 +527,14 @@ export function receiveKernelMessage(frame: Buffer, state: KernelState): KernelM
   if (isEventReply || isVcpuMessageId(id)) {
     // §2.5: EPERM (not for event replies) → header padding → vCPU index → EAGAIN.
     if (def && !def.alwaysAllowed && !state.isCommandAllowed(id)) return { kind: 'error-reply', id, seq, errno: KvmErrno.EPERM };
-    const hdr = Buffer.alloc(VCPU_HDR_SIZE);
-    payload.copy(hdr, 0, 0, Math.min(VCPU_HDR_SIZE, payload.length));
+    // A payload shorter than the header reads as zeros (§2.2); only then is a copy needed.
+    let hdr = payload;
+    if (payload.length < VCPU_HDR_SIZE) {
+      hdr = Buffer.alloc(VCPU_HDR_SIZE);
+      payload.copy(hdr);
+    }
     if (!S.kvmi_vcpu_hdr.paddingIsZero(hdr)) return { kind: 'error-reply', id, seq, errno: KvmErrno.EINVAL };
-    const vcpu = S.kvmi_vcpu_hdr.read(hdr).vcpu;
+    const vcpu = hdr.readUInt16LE(VCPU_HDR_VCPU_OFF);
     if (vcpu >= state.vcpuCount()) return { kind: 'error-reply', id, seq, errno: KvmErrno.EINVAL };
     if (!state.isVcpuReady(vcpu)) return { kind: 'error-reply', id, seq, errno: KvmErrno.EAGAIN };
     if (isEventReply) return { kind: 'event-reply', seq, vcpu, payload: Buffer.from(payload) };
