@@ -28,7 +28,15 @@ export interface HostProfile {
   readonly msrFilterDenyWrite: readonly number[];
   /** XCR0 bits the host supports (XSETBV / SET_XSAVE validation). */
   readonly xsaveFeatures: bigint;
+  /**
+   * Fault injection: allocation checks that fail (→ -KVM_ENOMEM), so the ENOMEM paths of
+   * SET_PAGE_ACCESS, GET_REGISTERS, GET_XSAVE and GET_MAP_TOKEN can be exercised.
+   */
+  readonly failAllocations: readonly AllocationCheck[];
 }
+
+export const ALLOCATION_CHECKS = ['page-access-alloc', 'token-alloc', 'reply-alloc', 'xsave-alloc'] as const;
+export type AllocationCheck = (typeof ALLOCATION_CHECKS)[number];
 
 export const DEFAULT_HOST_PROFILE: HostProfile = Object.freeze({
   introspection: true,
@@ -39,6 +47,7 @@ export const DEFAULT_HOST_PROFILE: HostProfile = Object.freeze({
   tscKhz: 2_500_000,
   msrFilterDenyWrite: Object.freeze([]) as readonly number[],
   xsaveFeatures: 0x7n,
+  failAllocations: Object.freeze([]) as readonly AllocationCheck[],
 });
 
 const BOOL_KEYS = ['introspection', 'singlestep', 'descriptorExits', 'userspaceBpDebug', 'tscScaling'] as const;
@@ -70,6 +79,11 @@ export function parseHostProfile(json: unknown, base: HostProfile = DEFAULT_HOST
     } else if (key === 'xsaveFeatures') {
       out.xsaveFeatures = BigInt(intOf(v, key, 0xffffffff));
       if ((out.xsaveFeatures & 1n) === 0n) throw new SimError('bad-host-profile', 'host profile: xsaveFeatures must include x87 (bit 0)');
+    } else if (key === 'failAllocations') {
+      if (!Array.isArray(v) || !v.every((x) => (ALLOCATION_CHECKS as readonly unknown[]).includes(x))) {
+        throw new SimError('bad-host-profile', `host profile: failAllocations must be a list of ${ALLOCATION_CHECKS.join(', ')}`);
+      }
+      out.failAllocations = Object.freeze([...(v as AllocationCheck[])]);
     } else {
       throw new SimError('bad-host-profile', `host profile: unknown key ${JSON.stringify(key)}`);
     }

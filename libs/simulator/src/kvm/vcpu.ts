@@ -954,7 +954,7 @@ export class SimVcpu {
         return (r['msrs_idx'] as number[]).some((i) => this.cpu.readMsr(i) === undefined);
       case 'reply-alloc':
       case 'xsave-alloc':
-        return false;
+        return p.failAllocations.includes(key);
       case 'waiting-for-reply':
         return intro.waiting === null;
       case 'cpuid-leaf':

@@ -469,7 +469,7 @@ export class SimVm extends EventEmitter<SimVmEvents> implements VcpuHost {
         return this.setPageAccess(m) !== 0;
       case 'page-access-alloc':
       case 'token-alloc':
-        return false;
+        return this.profile.failAllocations.includes(key);
       case 'token-limit':
         return hook.mapTokens.size >= MAX_OUTSTANDING_MAP_TOKENS;
       default:
