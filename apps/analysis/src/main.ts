@@ -1,0 +1,2 @@
+// periscope analysis: configuration and process wiring for @periscope/analysis
+export {};

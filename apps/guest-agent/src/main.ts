@@ -1,0 +1,2 @@
+// periscope guest-agent: configuration and process wiring for @periscope/guest-agent
+export {};

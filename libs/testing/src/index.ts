@@ -1,0 +1,2 @@
+// Test support shared by projects: a minimal real gRPC analysis peer, a throwaway certificate authority
+export {};
