@@ -1,0 +1,29 @@
+# syntax=docker/dockerfile:1
+# periscope host-agent: the per-host agent (Kubernetes DaemonSet; deploy/helm/periscope).
+#
+# Build from the repository root (the build context):
+#   docker build -f deploy/docker/host-agent.Dockerfile -t periscope/host-agent:$VERSION .
+# The base is pinned by digest (multi-arch index of node:20-bookworm-slim); refresh it with
+#   docker buildx imagetools inspect node:20-bookworm-slim --format '{{json .Manifest.Digest}}'
+# and update all three Dockerfiles together (deploy/test/dockerfile.test.ts checks they agree).
+
+FROM node:20-bookworm-slim@sha256:2cf067cfed83d5ea958367df9f966191a942351a2df77d6f0193e162b5febfc0 AS build
+WORKDIR /src
+COPY . .
+RUN npm ci --no-audit --no-fund
+RUN npm run build
+# The runtime layout: the app's production dependency closure and its entry point, nothing else.
+RUN node deploy/scripts/bundle.mjs host-agent /out
+
+FROM node:20-bookworm-slim@sha256:2cf067cfed83d5ea958367df9f966191a942351a2df77d6f0193e162b5febfc0 AS runtime
+LABEL org.opencontainers.image.title="periscope-host-agent" \
+      org.opencontainers.image.description="Periscope host-agent" \
+      org.opencontainers.image.licenses="Apache-2.0"
+ENV NODE_ENV=production
+WORKDIR /opt/periscope
+COPY --from=build --chown=0:0 /out/ /opt/periscope/
+# Non-root, no home, no shell needed; the root filesystem can be mounted read-only.
+USER 65532:65532
+EXPOSE 9464
+ENTRYPOINT ["node", "/opt/periscope/host-agent.mjs"]
+CMD ["--help"]
