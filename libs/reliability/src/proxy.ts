@@ -39,10 +39,11 @@ export interface FuzzProxyOptions {
   readonly handshakeMutateRate?: number;
   readonly seed: number;
   /**
-   * Direction `to-target` only: once a connection has carried a real vCPU event, keep pumping copies of
-   * it (fresh sequence numbers, perturbed event-specific bytes, mutated at `mutateRate`) with up to 32
-   * in flight; the peer's replies to them are absorbed by the proxy. This drives the peer's event path
-   * at full speed instead of at the guest's pace.
+   * Once a connection has carried a real message of the kind the fuzzed peer answers — a vCPU event
+   * (direction `to-target`) or a command (direction `to-qemu`) — keep pumping copies of it (fresh
+   * sequence numbers, perturbed trailing bytes, mutated at `mutateRate`) with up to 32 in flight; the
+   * peer's replies to them are absorbed by the proxy. This drives the peer at full speed instead of at
+   * the guest's (or the attach sequence's) pace.
    */
   readonly generate?: boolean;
 }
@@ -170,20 +171,21 @@ export class FuzzProxy {
     };
     qemu.once('close', stopPump);
     target.once('close', stopPump);
+    const fuzzed = this.opts.direction === 'to-target' ? target : qemu;
     const fill = () => {
-      while (pump.captured && pump.inFlight < GENERATED_WINDOW && !target.destroyed && target.writableLength < 1 << 20) {
+      while (pump.captured && pump.inFlight < GENERATED_WINDOW && !fuzzed.destroyed && fuzzed.writableLength < 1 << 20) {
         const ev = Buffer.from(pump.captured);
         ev.writeUInt32LE(pump.seq++ >>> 0, OFF_SEQ);
         // Perturb the event-specific tail (CR/MSR values, PF addresses...), keeping the headers valid.
         const tail = Math.min(24, ev.length - HDR_SIZE);
-        for (let i = 0; i < 4; i++) ev[ev.length - 1 - Math.floor(this.prng() * tail)] = Math.floor(this.prng() * 256);
+        for (let i = 0; tail > 0 && i < 4; i++) ev[ev.length - 1 - Math.floor(this.prng() * tail)] = Math.floor(this.prng() * 256);
         this.stats.framesGenerated++;
         pump.inFlight++;
         if (this.prng() < this.opts.mutateRate) {
           const { bytes, mutator } = mutateFrame(ev, this.prng);
           this.count(mutator);
-          target.write(bytes);
-        } else target.write(ev);
+          fuzzed.write(bytes);
+        } else fuzzed.write(ev);
       }
     };
     const startPump = (event: Buffer) => {
@@ -198,8 +200,7 @@ export class FuzzProxy {
       fill();
     };
     const absorbed = (frame: Buffer): boolean => {
-      if (!this.opts.generate || frame.length < HDR_SIZE) return false;
-      if (frame.readUInt16LE(OFF_ID) !== KVMI_VCPU_EVENT || frame.readUInt32LE(OFF_SEQ) < GENERATED_SEQ_BASE) return false;
+      if (!this.opts.generate || frame.length < HDR_SIZE || frame.readUInt32LE(OFF_SEQ) < GENERATED_SEQ_BASE) return false;
       this.stats.generatedReplies++;
       pump.inFlight = Math.max(0, pump.inFlight - 1);
       fill();
@@ -223,6 +224,7 @@ export class FuzzProxy {
           } else write(target, hs);
         },
         (frame) => {
+          if (!fuzzToTarget && absorbed(frame)) return;
           if (fuzzToTarget && this.opts.generate && frame.length > HDR_SIZE && frame.readUInt16LE(OFF_ID) === KVMI_VCPU_EVENT) startPump(frame);
           return fuzzToTarget ? this.fuzzFrame(frame, target) : write(target, frame);
         },
@@ -234,7 +236,9 @@ export class FuzzProxy {
         chunk,
         (hs) => write(qemu, hs),
         (frame) => {
-          if (absorbed(frame)) return;
+          if (fuzzToTarget && absorbed(frame)) return;
+          // Commands (not event replies) are what the simulated kernel side answers.
+          if (!fuzzToTarget && this.opts.generate && frame.length >= HDR_SIZE && frame.readUInt16LE(OFF_ID) > KVMI_VCPU_EVENT) startPump(frame);
           return fuzzToTarget ? write(qemu, frame) : this.fuzzFrame(frame, qemu);
         },
         (raw) => write(qemu, raw),

@@ -45,3 +45,15 @@ describe('host agent under fuzzed KVM traffic', () => {
     expect(report.probes.failed).toBe(0);
   }, 120_000);
 });
+
+describe('simulated KVM under fuzzed introspector traffic', () => {
+  it('never throws, answers generated commands and leaves the healthy VM protected', async () => {
+    const report = await runAgentCampaign({ target: 'simulator', repoRoot: root, frames: 15_000, seed: 12, fuzzedVms: 3, mutateRate: 0.02, maxSeconds: 90 });
+    expect(report.failures).toEqual([]);
+    expect(report.frames).toBeGreaterThanOrEqual(15_000);
+    expect(report.proxy.generatedReplies).toBeGreaterThan(1000); // the simulated kernel answered generated commands
+    expect(Object.values(report.proxy.byMutator).reduce((a, b) => a + b, 0)).toBeGreaterThan(100);
+    expect(report.probes.failed).toBe(0);
+    expect(report.agentSurvived).toBe(true);
+  }, 120_000);
+});

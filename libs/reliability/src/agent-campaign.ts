@@ -1,23 +1,31 @@
 /**
- * Fuzz campaign against a host agent running as a real process (`bin/periscope host-agent`).
+ * Fuzz campaigns with a host agent running as a real process (`bin/periscope host-agent`).
  *
- * Fuzzed VMs reach the agent through a {@link FuzzProxy} that mutates the frames KVM sends (events,
- * command replies) and some QEMU handshakes; one healthy VM connects to the agent directly and is
+ * Target `agent`: fuzzed VMs reach the agent through a {@link FuzzProxy} that mutates the frames KVM
+ * sends (events, command replies) and some QEMU handshakes, and pumps generated events.
+ * Target `simulator`: the proxy mutates what the agent sends (commands, event replies) and pumps
+ * generated commands into the simulated KVM of the fuzzed VMs, which run in this process; an uncaught
+ * exception or unhandled rejection here is a failure.
+ *
+ * In both, one healthy VM connects to the agent directly and is
  * probed throughout: each probe clears CR0.WP, which the agent's default policy must deny (the bit stays
  * set) — so "other VMs unaffected" is checked by behaviour, not by the agent saying so. The agent's RSS
  * is sampled from /proc; a crash, a hang of the healthy VM or a failed clean shutdown is a failure.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { SimQemu, SimVm } from '@periscope/simulator';
+import { AgentProcess } from './agent-process.js';
+import { sleep, waitFor, withTimeout } from './wait.js';
 import { FuzzProxy, type FuzzProxyStats } from './proxy.js';
 import { mulberry32 } from './mutate.js';
 
 const CR0_WP = 1n << 16n;
 
 export interface AgentCampaignOptions {
+  /** What is fuzzed (default `agent`). */
+  readonly target?: 'agent' | 'simulator';
   /** Repository root (where `bin/periscope` lives). */
   readonly repoRoot: string;
   /** Stop after this many frames reached the agent through the proxy. */
@@ -43,6 +51,7 @@ export interface AgentCampaignProgress {
 }
 
 export interface AgentCampaignReport {
+  readonly target: 'agent' | 'simulator';
   readonly seed: number;
   readonly frames: number;
   readonly seconds: number;
@@ -61,64 +70,26 @@ export interface AgentCampaignReport {
   readonly failures: readonly string[];
 }
 
-function rssMiB(pid: number): number {
-  try {
-    const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
-    return m ? Number(m[1]) / 1024 : 0;
-  } catch {
-    return 0;
-  }
-}
-
-async function sleep(ms: number): Promise<void> {
-  await new Promise((r) => setTimeout(r, ms));
-}
-
-async function waitFor(cond: () => boolean, ms: number): Promise<boolean> {
-  const t0 = Date.now();
-  while (!cond()) {
-    if (Date.now() - t0 > ms) return false;
-    await sleep(10);
-  }
-  return true;
-}
-
-async function withTimeout<T>(p: Promise<T>, ms: number): Promise<T | 'timeout'> {
-  let t: NodeJS.Timeout | undefined;
-  const timeout = new Promise<'timeout'>((r) => (t = setTimeout(() => r('timeout'), ms)));
-  try {
-    return await Promise.race([p, timeout]);
-  } finally {
-    clearTimeout(t);
-  }
-}
-
 export async function runAgentCampaign(opts: AgentCampaignOptions): Promise<AgentCampaignReport> {
   const seed = opts.seed ?? 1;
+  const target = opts.target ?? 'agent';
+  const inProcessFailures: string[] = [];
+  const onUncaught = (e: unknown) => inProcessFailures.push(`uncaught in the simulator process: ${(e as Error)?.stack ?? String(e)}`);
+  if (target === 'simulator') {
+    process.on('uncaughtException', onUncaught);
+    process.on('unhandledRejection', onUncaught);
+  }
   const dir = mkdtempSync(join(tmpdir(), 'fz-'));
   const agentSock = join(dir, 'kvmi.sock');
   const proxySock = join(dir, 'fuzz.sock');
   const secret = 'fuzz-secret';
   writeFileSync(join(dir, 'cookie'), secret);
   const failures: string[] = [];
-  let stderrTail = '';
-  const agent: ChildProcess = spawn(
-    process.execPath,
-    [join(opts.repoRoot, 'bin/periscope'), 'host-agent', '--kvmi-listen', `unix:${agentSock}`, '--cookie-file', join(dir, 'cookie'), '--log-level', 'error', '--host-id', 'fuzz'],
-    { stdio: ['ignore', 'ignore', 'pipe'] },
-  );
-  agent.stderr!.on('data', (d: Buffer) => (stderrTail = (stderrTail + d.toString()).slice(-4000)));
-  let exitCode: number | null = null;
-  let exited = false;
-  agent.on('exit', (code) => {
-    exited = true;
-    exitCode = code;
-  });
-
+  const agent = new AgentProcess({ repoRoot: opts.repoRoot, kvmiSocket: agentSock, cookieFile: join(dir, 'cookie'), hostId: 'fuzz' });
   const proxy = new FuzzProxy({
     listenPath: proxySock,
     targetPath: agentSock,
-    direction: 'to-target',
+    direction: target === 'agent' ? 'to-target' : 'to-qemu',
     mutateRate: opts.mutateRate ?? 0.01,
     injectRate: opts.injectRate ?? 0.01,
     handshakeMutateRate: opts.handshakeMutateRate ?? 0.05,
@@ -135,9 +106,7 @@ export async function runAgentCampaign(opts: AgentCampaignOptions): Promise<Agen
   let rssMax = 0;
 
   try {
-    if (!(await waitFor(() => exited || existsSync(agentSock), 15_000)) || exited) {
-      throw new Error(`host agent did not start: ${stderrTail.trim()}`);
-    }
+    await agent.start();
     await proxy.start();
 
     // The healthy VM, straight to the agent.
@@ -190,8 +159,8 @@ export async function runAgentCampaign(opts: AgentCampaignOptions): Promise<Agen
     // Probe the healthy VM and watch the agent until enough frames went through.
     let lastProgress = 0;
     while (proxy.framesDelivered < opts.frames) {
-      if (exited) {
-        failures.push(`host agent exited (code ${exitCode}) during the campaign: ${stderrTail.trim().slice(-500)}`);
+      if (agent.exited) {
+        failures.push(`host agent exited (code ${agent.exitCode}) during the campaign: ${agent.stderrTail}`);
         break;
       }
       if (opts.maxSeconds !== undefined && Date.now() - t0 > opts.maxSeconds * 1000) break;
@@ -210,7 +179,7 @@ export async function runAgentCampaign(opts: AgentCampaignOptions): Promise<Agen
         failures.push(`healthy VM: CR0.WP cleared (the agent allowed the write) at frame ${proxy.framesDelivered}`);
         cpu.cpu.sregs.cr0 = before;
       } else probeTimes.push(ms);
-      const rss = rssMiB(agent.pid!);
+      const rss = agent.rssMiB();
       rssMax = Math.max(rssMax, rss);
       if (rssStart === 0 && Date.now() - t0 > 2000) rssStart = rss;
       if (Date.now() - lastProgress > 1000) {
@@ -229,22 +198,27 @@ export async function runAgentCampaign(opts: AgentCampaignOptions): Promise<Agen
     await proxy.stop().catch(() => undefined);
   }
 
-  const rssEnd = exited ? 0 : rssMiB(agent.pid!);
-  let survived = !exited;
-  if (!exited) {
-    agent.kill('SIGTERM');
-    if (!(await waitFor(() => exited, 5000))) {
+  const rssEnd = agent.rssMiB();
+  let survived = !agent.exited;
+  if (survived) {
+    const code = await agent.terminate(5000);
+    if (code === null) {
       failures.push('host agent did not exit within 5 s of SIGTERM');
-      agent.kill('SIGKILL');
       survived = false;
-    } else if (exitCode !== 0) {
-      failures.push(`host agent exited ${exitCode} on SIGTERM: ${stderrTail.trim().slice(-500)}`);
+    } else if (code !== 0) {
+      failures.push(`host agent exited ${code} on SIGTERM: ${agent.stderrTail}`);
       survived = false;
     }
-  }
+  } else if (!failures.some((f) => f.startsWith('host agent exited'))) failures.push(`host agent exited (code ${agent.exitCode}): ${agent.stderrTail}`);
   rmSync(dir, { recursive: true, force: true });
+  if (target === 'simulator') {
+    process.off('uncaughtException', onUncaught);
+    process.off('unhandledRejection', onUncaught);
+    failures.push(...inProcessFailures.slice(0, 5));
+  }
   probeTimes.sort((a, b) => a - b);
   return {
+    target,
     seed,
     frames: proxy.framesDelivered,
     seconds: (Date.now() - t0) / 1000,
@@ -259,7 +233,7 @@ export async function runAgentCampaign(opts: AgentCampaignOptions): Promise<Agen
     rssEndMiB: rssEnd,
     rssMaxMiB: rssMax,
     agentSurvived: survived,
-    agentExitCode: exitCode,
+    agentExitCode: agent.exitCode,
     fuzzedStalls,
     failures,
   };

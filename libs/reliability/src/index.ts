@@ -1,0 +1,14 @@
+/**
+ * @periscope/reliability — fuzzing and fault campaigns (issue #15).
+ *
+ * - `mutate`: structure-aware KVMI frame and handshake mutators (field offsets from the KVMI layouts).
+ * - `proxy`: a man-in-the-middle that mutates live traffic between simulated QEMU/KVM and a peer.
+ * - `agent-campaign`: the host agent (or the simulated KVM) fuzzed, with a healthy VM probed.
+ * - `agent-kill`: kill -9 of the agent under attack; re-attach, re-protection and the fail-open window.
+ */
+export * from './mutate.js';
+export * from './proxy.js';
+export * from './agent-campaign.js';
+export * from './agent-process.js';
+export * from './agent-kill.js';
+export * from './wait.js';
