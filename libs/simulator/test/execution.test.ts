@@ -68,10 +68,12 @@ describe('instruction placement', () => {
     expect(Buffer.from(at.data)).toEqual(Buffer.from(encodeInstruction('mov cr4, rax')));
     h.tool.reply(e, 'CONTINUE', cr4 ^ 0x80n);
     expect(await p).toMatchObject({ outcome: 'completed', value: cr4 ^ 0x80n });
-    // Guest actions run in place: the next action is placed at the same RIP.
-    expect(c.cpu.regs.rip).toBe(e.arch.regs.rip);
+    // A retired action moves RIP past itself by the table length, as a run does: the next action is
+    // placed right after it.
+    expect(c.cpu.regs.rip).toBe(e.arch.regs.rip + len('mov cr4, rax'));
     await c.wrmsr(MSR.TSC_AUX, 5n);
-    expect(Buffer.from((await h.tool.ok('VM_READ_PHYSICAL', { gpa, size: 2 })).data).toString('hex')).toBe('0f30');
+    expect(c.cpu.regs.rip).toBe(e.arch.regs.rip + len('mov cr4, rax') + len('wrmsr'));
+    expect(Buffer.from((await h.tool.ok('VM_READ_PHYSICAL', { gpa, size: 5 })).data).toString('hex')).toBe('0f22e00f30');
   });
 
   it('a run executes what it finds at RIP, moving RIP by the table lengths; bytes no table entry has are #UD', async () => {
@@ -249,5 +251,91 @@ describe('CR, MSR and descriptor exits in runs', () => {
     expect(c.cpu.readMsr(MSR.LSTAR)).toBe(entry);
     expect(c.cpu.xcr0).toBe(3n);
     expect(c.cpu.sregs.idt.base).toBe(k.symbol('idt_table'));
+  });
+});
+
+describe('4- and 2-byte stores, REP MOVSB, SYSCALL (table encodings, ground-truth lengths)', () => {
+  it('a run executes `mov [rdi], eax` (2 bytes) and `mov [rdi], ax` (3 bytes): only the low 4 / 2 bytes of RAX land', async () => {
+    const h = await vm();
+    const c = h.vm.vcpus[0]!;
+    const k = h.vm.kernel;
+    const t = k.symbol('sim_counters');
+    const a = assemble(CODE, [
+      { name: 'mov rdi, imm64', imm: t },
+      { name: 'mov rax, imm64', imm: 0x1122334455667788n },
+      { name: 'mov [rdi], eax' },
+      { name: 'mov rdi, imm64', imm: t + 8n },
+      { name: 'mov [rdi], ax' },
+      { name: 'ret' },
+    ]);
+    expect(c.pokeLinear(CODE, a.bytes)).toBe(true);
+    const r = await c.run({ entry: CODE, returnTo: k.symbol('cpu_idle'), regs: { rsp: k.taskStackTop(0) } });
+    expect(r.outcome).toBe('completed');
+    expect(r.trace.map((x) => [x.rip, x.name, x.length])).toEqual([
+      [CODE, 'mov rdi, imm64', 10],
+      [CODE + 10n, 'mov rax, imm64', 10],
+      [CODE + 20n, 'mov [rdi], eax', 2],
+      [CODE + 22n, 'mov rdi, imm64', 10],
+      [CODE + 32n, 'mov [rdi], ax', 3],
+      [CODE + 35n, 'ret', 1],
+    ]);
+    expect(h.vm.memory.read(k.symbolPhys('sim_counters'), 16)!.toString('hex')).toBe('8877665500000000' + '8877000000000000');
+  });
+
+  it('REP MOVSB copies RCX bytes across pages; a PF RETRY mid-copy leaves RSI/RDI/RCX at the iteration reached and RIP at the instruction', async () => {
+    const h = await vm();
+    const c = h.vm.vcpus[0]!;
+    const k = h.vm.kernel;
+    const src = MODULES_VADDR + 0x310000n - 0x10n; // 16 bytes before a page boundary
+    const dstGpa = k.symbolPhys('sim_protected_data');
+    const dst = k.symbol('sim_protected_data') - 0x8n; // 8 bytes in the page before the protected one
+    const data = Buffer.from([...Array(32).keys()].map((i) => 0xa0 + i));
+    expect(c.pokeLinear(src, data)).toBe(true);
+    await h.tool.ok('VM_SET_PAGE_ACCESS', { entries: [{ gpa: dstGpa, access: 5 }] });
+    await enable(h.tool, events.PF.id);
+    const a = assemble(CODE, [{ name: 'rep movsb' }, { name: 'ret' }]);
+    expect(a.insns[0]!.length).toBe(2);
+    expect(c.pokeLinear(CODE, a.bytes)).toBe(true);
+    const p = c.run({ entry: CODE, returnTo: k.symbol('cpu_idle'), regs: { rsp: k.taskStackTop(0), rsi: src, rdi: dst, rcx: 32n } });
+    const e = await h.tool.nextVcpuEvent();
+    expect(e.arch.regs.rip).toBe(CODE);
+    expect(e.data).toEqual({ gva: k.symbol('sim_protected_data'), gpa: dstGpa, access: 2 });
+    // The 8 bytes before the protected page were copied; the registers say so.
+    expect([e.arch.regs.rsi, e.arch.regs.rdi, e.arch.regs.rcx]).toEqual([src + 8n, dst + 8n, 24n]);
+    await h.tool.ok('VM_SET_PAGE_ACCESS', { entries: [{ gpa: dstGpa, access: 7 }] });
+    h.tool.reply(e, 'RETRY');
+    const r = await p;
+    expect(r.outcome).toBe('completed');
+    expect(r.trace.map((x) => [x.rip, x.name, x.result])).toEqual([
+      [CODE, 'rep movsb', 'retry'],
+      [CODE, 'rep movsb', 'retired'],
+      [CODE + 2n, 'ret', 'retired'],
+    ]);
+    expect(c.peekLinear(dst, 32)!.equals(data)).toBe(true);
+    expect([c.cpu.regs.rsi, c.cpu.regs.rdi, c.cpu.regs.rcx]).toEqual([src + 32n, dst + 32n, 0n]);
+  });
+
+  it('SYSCALL from CPL 3: RIP ← LSTAR, RCX ← next RIP, R11 ← RFLAGS, RFLAGS masked by SFMASK, CPL 0; #UD with EFER.SCE = 0', async () => {
+    const h = await vm();
+    const c = h.vm.vcpus[0]!;
+    const k = h.vm.kernel;
+    const entry = k.symbol('entry_SYSCALL_64');
+    expect(c.cpu.readMsr(MSR.LSTAR)).toBe(entry);
+    c.cpu.writeCr(3, k.processes[0]!.cr3);
+    const ut = k.processes[0]!.text.gva;
+    expect(c.pokeLinear(ut, encodeInstruction('syscall'))).toBe(true);
+    c.cpu.sregs = { ...c.cpu.sregs, ss: { ...c.cpu.sregs.ss, dpl: 3 }, cs: { ...c.cpu.sregs.cs, dpl: 3 } };
+    c.cpu.regs.rflags = 0x202n | (1n << 8n); // IF, TF
+    const r = await c.run({ entry: ut, until: entry });
+    expect(r.outcome).toBe('completed');
+    expect(r.trace).toEqual([{ rip: ut, name: 'syscall', length: 2, result: 'retired', times: 1 }]);
+    expect(c.cpu.regs.rcx).toBe(ut + 2n);
+    expect(c.cpu.regs.r11).toBe(0x302n);
+    const sfmask = c.cpu.readMsr(MSR.SFMASK)!;
+    expect(c.cpu.regs.rflags).toBe((0x302n & ~sfmask) | 2n);
+    expect(c.cpu.cpl).toBe(0);
+    expect(c.cpu.sregs.cs.selector).toBe(Number((c.cpu.readMsr(MSR.STAR)! >> 32n) & 0xfffcn));
+    c.cpu.sregs = { ...c.cpu.sregs, efer: c.cpu.sregs.efer & ~1n, ss: { ...c.cpu.sregs.ss, dpl: 3 }, cs: { ...c.cpu.sregs.cs, dpl: 3 } };
+    expect(await c.run({ entry: ut })).toMatchObject({ outcome: 'exception', vector: 6, rip: ut });
   });
 });

@@ -16,10 +16,16 @@ import type { GuestRam } from './ram.js';
 
 export type InstructionName =
   | 'mov [rdi], rax'
+  | 'mov [rdi], eax'
+  | 'mov [rdi], ax'
   | 'mov [rdi], al'
+  | 'rep movsb'
   | 'mov rax, [rdi]'
   | 'mov rax, imm64'
   | 'mov rdi, imm64'
+  | 'mov rbx, imm64'
+  | 'mov rcx, imm64'
+  | 'mov rdx, imm64'
   | 'mov eax, imm32'
   | 'mov ecx, imm32'
   | 'mov edx, imm32'
@@ -39,6 +45,7 @@ export type InstructionName =
   | 'ltr ax'
   | 'int3'
   | 'vmcall'
+  | 'syscall'
   | 'xsetbv'
   | 'xgetbv'
   | 'stac'
@@ -51,12 +58,23 @@ export type InstructionName =
   | 'hlt'
   | 'ud2';
 
-export type GeneralRegister = 'rax' | 'rcx' | 'rdx' | 'rdi' | 'rsp';
+export type GeneralRegister = 'rax' | 'rbx' | 'rcx' | 'rdx' | 'rdi' | 'rsp';
 
 /** What an instruction does, in terms the simulator can execute. */
 export type InstructionEffect =
   /** memory[base] ← low `size` bytes of `src`. */
-  | { readonly kind: 'store'; readonly src: 'rax'; readonly base: 'rdi'; readonly size: 1 | 8 }
+  | { readonly kind: 'store'; readonly src: 'rax'; readonly base: 'rdi'; readonly size: 1 | 2 | 4 | 8 }
+  /**
+   * REP MOVSB with RFLAGS.DF = 0: while RCX ≠ 0 { byte [RDI] ← byte [RSI]; RSI += 1; RDI += 1; RCX -= 1 }.
+   * Interruptible: a fault or exit between iterations leaves RSI/RDI/RCX at the iteration reached and RIP
+   * at the instruction (SDM Vol. 2B "REP/REPE/REPZ/REPNE/REPNZ"); RCX = 0 executes nothing.
+   */
+  | { readonly kind: 'rep-movs'; readonly size: 1 }
+  /**
+   * SYSCALL (64-bit mode, EFER.SCE = 1, else #UD): RCX ← next RIP, R11 ← RFLAGS, RFLAGS ← RFLAGS & ~SFMASK
+   * (RF cleared), RIP ← LSTAR, CS ← STAR[47:32] & 0xFFFC (DPL 0), SS ← that + 8 (CPL 0).
+   */
+  | { readonly kind: 'syscall' }
   /** dst ← memory[base] (`size` bytes). */
   | { readonly kind: 'load'; readonly dst: 'rax'; readonly base: 'rdi'; readonly size: 8 }
   /** dst ← immediate; a 32-bit destination zero-extends into the whole 64-bit register. */
@@ -116,7 +134,7 @@ export interface MemoryOperand {
   /** Bytes accessed. */
   readonly size: number;
   /** The linear address: a register, or `rsp-8` for a push. */
-  readonly address: 'rdi' | 'rax' | 'rsp' | 'rsp-8';
+  readonly address: 'rdi' | 'rsi' | 'rax' | 'rsp' | 'rsp-8';
 }
 
 export interface ImmediateField {
@@ -148,6 +166,8 @@ export interface InstructionEntry {
   readonly effect: InstructionEffect;
   readonly privilege: PrivilegeRule;
   readonly memory?: MemoryOperand;
+  /** A second data access, read before `memory` is written (the source of a string move). */
+  readonly source?: MemoryOperand;
   readonly immediate?: ImmediateField;
   readonly vmExit?: VmExitInfo;
   readonly description: string;
@@ -170,6 +190,24 @@ const DEFS: { readonly [K in InstructionName]: Def } = {
     memory: { access: 'write', size: 8, address: 'rdi' },
     description: 'store the 8 bytes of RAX at [RDI]',
   },
+  'mov [rdi], eax': {
+    bytes: Uint8Array.of(0x89, 0x07),
+    opcode: '89 /r',
+    operands: 'r/m32 = [rdi] (ModR/M 07: mod 00, reg 000 = eax, rm 111 = rdi), r32 = eax (no REX.W: operand size 32)',
+    effect: { kind: 'store', src: 'rax', base: 'rdi', size: 4 },
+    privilege: 'any',
+    memory: { access: 'write', size: 4, address: 'rdi' },
+    description: 'store EAX (the low 4 bytes of RAX) at [RDI]',
+  },
+  'mov [rdi], ax': {
+    bytes: Uint8Array.of(0x66, 0x89, 0x07),
+    opcode: '66 + 89 /r',
+    operands: 'operand-size prefix 66 (16 bits), r/m16 = [rdi] (ModR/M 07), r16 = ax',
+    effect: { kind: 'store', src: 'rax', base: 'rdi', size: 2 },
+    privilege: 'any',
+    memory: { access: 'write', size: 2, address: 'rdi' },
+    description: 'store AX (the low 2 bytes of RAX) at [RDI]',
+  },
   'mov [rdi], al': {
     bytes: Uint8Array.of(0x88, 0x07),
     opcode: '88 /r',
@@ -178,6 +216,16 @@ const DEFS: { readonly [K in InstructionName]: Def } = {
     privilege: 'any',
     memory: { access: 'write', size: 1, address: 'rdi' },
     description: 'store AL (the low byte of RAX) at [RDI]',
+  },
+  'rep movsb': {
+    bytes: Uint8Array.of(0xf3, 0xa4),
+    opcode: 'F3 A4',
+    operands: 'implicit: m8 [rdi] ← m8 [rsi], RCX times (REP prefix F3, MOVS m8, m8 = A4); 64-bit addresses',
+    effect: { kind: 'rep-movs', size: 1 },
+    privilege: 'any',
+    memory: { access: 'write', size: 1, address: 'rdi' },
+    source: { access: 'read', size: 1, address: 'rsi' },
+    description: 'copy RCX bytes from [RSI] to [RDI] (RFLAGS.DF = 0: ascending), one byte per iteration',
   },
   'mov rax, [rdi]': {
     bytes: Uint8Array.of(0x48, 0x8b, 0x07),
@@ -205,6 +253,33 @@ const DEFS: { readonly [K in InstructionName]: Def } = {
     privilege: 'any',
     immediate: { offset: 2, size: 8, signed: false },
     description: 'RDI ← imm64',
+  },
+  'mov rbx, imm64': {
+    bytes: Uint8Array.of(0x48, 0xbb, 0, 0, 0, 0, 0, 0, 0, 0),
+    opcode: 'REX.W + B8+rd io',
+    operands: 'r64 = rbx (rd 3), imm64',
+    effect: { kind: 'load-immediate', dst: 'rbx', size: 8 },
+    privilege: 'any',
+    immediate: { offset: 2, size: 8, signed: false },
+    description: 'RBX ← imm64 (a0 of a KVM hypercall)',
+  },
+  'mov rcx, imm64': {
+    bytes: Uint8Array.of(0x48, 0xb9, 0, 0, 0, 0, 0, 0, 0, 0),
+    opcode: 'REX.W + B8+rd io',
+    operands: 'r64 = rcx (rd 1), imm64',
+    effect: { kind: 'load-immediate', dst: 'rcx', size: 8 },
+    privilege: 'any',
+    immediate: { offset: 2, size: 8, signed: false },
+    description: 'RCX ← imm64 (a1 of a KVM hypercall)',
+  },
+  'mov rdx, imm64': {
+    bytes: Uint8Array.of(0x48, 0xba, 0, 0, 0, 0, 0, 0, 0, 0),
+    opcode: 'REX.W + B8+rd io',
+    operands: 'r64 = rdx (rd 2), imm64',
+    effect: { kind: 'load-immediate', dst: 'rdx', size: 8 },
+    privilege: 'any',
+    immediate: { offset: 2, size: 8, signed: false },
+    description: 'RDX ← imm64 (a2 of a KVM hypercall)',
   },
   'mov eax, imm32': {
     bytes: Uint8Array.of(0xb8, 0, 0, 0, 0),
@@ -382,6 +457,14 @@ const DEFS: { readonly [K in InstructionName]: Def } = {
     privilege: 'any',
     vmExit: { reason: 18, name: 'VMCALL', when: 'always (unconditional in VMX non-root operation, at any CPL)' },
     description: 'call the hypervisor; KVM returns -KVM_EPERM in RAX to CPL > 0 callers',
+  },
+  syscall: {
+    bytes: Uint8Array.of(0x0f, 0x05),
+    opcode: '0F 05',
+    operands: 'implicit: RCX ← next RIP, R11 ← RFLAGS; target LSTAR, selectors from STAR, mask SFMASK',
+    effect: { kind: 'syscall' },
+    privilege: 'any',
+    description: 'fast call to the CPL 0 entry at IA32_LSTAR (#UD outside 64-bit mode or with EFER.SCE = 0)',
   },
   xsetbv: {
     bytes: Uint8Array.of(0x0f, 0x01, 0xd1),

@@ -20,10 +20,16 @@ import { scratchRam } from './support/ram.js';
 
 const HEX: Record<InstructionName, string> = {
   'mov [rdi], rax': '48 89 07',
+  'mov [rdi], eax': '89 07',
+  'mov [rdi], ax': '66 89 07',
   'mov [rdi], al': '88 07',
+  'rep movsb': 'f3 a4',
   'mov rax, [rdi]': '48 8b 07',
   'mov rax, imm64': '48 b8 00 00 00 00 00 00 00 00',
   'mov rdi, imm64': '48 bf 00 00 00 00 00 00 00 00',
+  'mov rbx, imm64': '48 bb 00 00 00 00 00 00 00 00',
+  'mov rcx, imm64': '48 b9 00 00 00 00 00 00 00 00',
+  'mov rdx, imm64': '48 ba 00 00 00 00 00 00 00 00',
   'mov eax, imm32': 'b8 00 00 00 00',
   'mov ecx, imm32': 'b9 00 00 00 00',
   'mov edx, imm32': 'ba 00 00 00 00',
@@ -43,6 +49,7 @@ const HEX: Record<InstructionName, string> = {
   'ltr ax': '0f 00 d8',
   int3: 'cc',
   vmcall: '0f 01 c1',
+  syscall: '0f 05',
   xsetbv: '0f 01 d1',
   xgetbv: '0f 01 d0',
   stac: '0f 01 cb',
@@ -89,6 +96,11 @@ describe('instruction table', () => {
     expect([hex(instruction('xsetbv').bytes), instruction('xsetbv').length]).toEqual(['0f 01 d1', 3]);
     expect(hex(instruction('nop').bytes)).toBe('90');
     expect([instruction('jmp rel32').length, instruction('call rel32').length]).toEqual([5, 5]);
+    // 4- and 2-byte stores, the string move, SYSCALL (SDM Vol. 2: 89 /r; 66 prefix; F3 A4; 0F 05).
+    expect([hex(instruction('mov [rdi], eax').bytes), instruction('mov [rdi], eax').length]).toEqual(['89 07', 2]);
+    expect([hex(instruction('mov [rdi], ax').bytes), instruction('mov [rdi], ax').length]).toEqual(['66 89 07', 3]);
+    expect([hex(instruction('rep movsb').bytes), instruction('rep movsb').length]).toEqual(['f3 a4', 2]);
+    expect([hex(instruction('syscall').bytes), instruction('syscall').length]).toEqual(['0f 05', 2]);
   });
 
   it('ModR/M fields of the CR and descriptor-table forms decode to the documented registers', () => {
@@ -129,6 +141,13 @@ describe('instruction table', () => {
     expect(instruction('sidt [rax]').privilege).toBe('cpl0-gp-if-umip');
     expect(instruction('call rel32').memory).toEqual({ access: 'write', size: 8, address: 'rsp-8' });
     expect(instruction('ret').memory).toEqual({ access: 'read', size: 8, address: 'rsp' });
+    expect(instruction('rep movsb')).toMatchObject({
+      effect: { kind: 'rep-movs', size: 1 },
+      memory: { access: 'write', size: 1, address: 'rdi' },
+      source: { access: 'read', size: 1, address: 'rsi' },
+    });
+    expect(instruction('syscall')).toMatchObject({ effect: { kind: 'syscall' }, privilege: 'any' });
+    expect(instruction('syscall').vmExit).toBeUndefined();
     expect(isInstructionName('nop')).toBe(true);
     expect(isInstructionName('mov cr8, rax')).toBe(false);
     expect(code(() => instruction('bogus' as InstructionName))).toBe('unknown-instruction');
@@ -174,7 +193,8 @@ describe('instruction table', () => {
         if (i !== j) expect(fixed[j]!.startsWith(fixed[i]!), `${fixed[i]} prefixes ${fixed[j]}`).toBe(false);
       }
     }
-    expect(matchInstruction(Uint8Array.of(0x0f, 0x05))).toBeUndefined(); // syscall: not in the table
+    expect(matchInstruction(Uint8Array.of(0x0f, 0x07))).toBeUndefined(); // sysret: not in the table
+    expect(matchInstruction(Uint8Array.of(0x66, 0x89, 0x0f))).toBeUndefined(); // mov [rdi], cx: not in the table
     expect(matchInstruction(new Uint8Array(0))).toBeUndefined();
   });
 });

@@ -25,11 +25,13 @@ import {
   CR4_PAE,
   CR4_UMIP,
   EFER_LMA,
+  EFER_SCE,
   INVALID_GPA,
   isCanonical,
   matchInstruction,
   pagingMode,
   RFLAGS_AC,
+  RFLAGS_RF,
   setAccessedDirty,
   translate,
   walk,
@@ -52,8 +54,11 @@ export interface ExecEnv {
   readonly xsaveFeatures: bigint;
   /** An access hits a restricted gfn and uses the cleared `bit`: continue (emulate) or retry. */
   pf(gva: bigint, gpa: bigint, bit: EptBit): Promise<'continue' | 'retry'>;
-  /** A CR write that passed the CPU's checks: the value to write, or refuse (#GP). */
-  cr(cr: 0 | 3 | 4, old: bigint, proposed: bigint): Promise<{ write: bigint } | 'refuse'>;
+  /**
+   * A CR write that passed the CPU's checks: the value to write, refuse (#GP), or `stop` (the VMM
+   * stopped the VM during the exit: nothing more runs).
+   */
+  cr(cr: 0 | 3 | 4, old: bigint, proposed: bigint): Promise<{ write: bigint } | 'refuse' | 'stop'>;
   /** A WRMSR to an MSR the vCPU has: the value to write, or refuse (#GP). */
   msr(index: number, old: bigint, proposed: bigint): Promise<{ write: bigint } | 'refuse'>;
   /** XCR0 changed (already stored). */
@@ -82,7 +87,9 @@ export type ExecResult =
   /** #BP taken by userspace guest debugging. */
   | { kind: 'userspace-exit' }
   /** The CPU is in a paging mode the simulator does not model (32-bit, PAE, 5-level). */
-  | { kind: 'unsupported'; reason: string };
+  | { kind: 'unsupported'; reason: string }
+  /** The VMM stopped the VM during the instruction's exit (it never completes). */
+  | { kind: 'stopped' };
 
 export interface Piece {
   gva: bigint;
@@ -188,11 +195,6 @@ export interface Fetched {
   readonly entry: InstructionEntry;
   readonly immediate?: bigint;
   readonly rip: bigint;
-  /**
-   * A guest action executed in place: when it retires, RIP stays where it is (the next action is
-   * placed at the same address). Runs leave this unset: RIP moves past the instruction.
-   */
-  readonly inPlace?: boolean;
 }
 
 /**
@@ -259,8 +261,8 @@ function crWriteFault(cpu: CpuState, cr: 0 | 3 | 4, v: bigint): string | null {
 export async function execute(env: ExecEnv, f: Fetched): Promise<ExecResult> {
   const { entry, rip } = f;
   const cpu = env.cpu;
-  /** How far a retiring (non-branch) instruction moves RIP. */
-  const len = f.inPlace ? 0 : entry.length;
+  /** How far a retiring (non-branch) instruction moves RIP: the table's ground-truth length. */
+  const len = entry.length;
   const cpl = cpu.cpl;
   switch (entry.privilege) {
     case 'cpl0-gp':
@@ -276,7 +278,7 @@ export async function execute(env: ExecEnv, f: Fetched): Promise<ExecResult> {
       break;
   }
   const e = entry.effect;
-  const reg = (name: 'rax' | 'rcx' | 'rdx' | 'rdi' | 'rsp'): bigint => cpu.regs[name];
+  const reg = (name: 'rax' | 'rbx' | 'rcx' | 'rdx' | 'rsi' | 'rdi' | 'rsp'): bigint => cpu.regs[name];
   switch (e.kind) {
     case 'nop':
       return retire(env, len);
@@ -287,6 +289,49 @@ export async function execute(env: ExecEnv, f: Fetched): Promise<ExecResult> {
       b.writeBigUInt64LE(reg('rax'));
       writePieces(env, a, b.subarray(0, e.size));
       return retire(env, len);
+    }
+    case 'rep-movs': {
+      // Chunks that stay inside one source page and one destination page; the registers advance
+      // after each chunk, so a fault or RETRY leaves RSI/RDI/RCX at the iteration reached (RIP at the
+      // instruction), as an interrupted REP MOVS does.
+      for (;;) {
+        const count = reg('rcx');
+        if (count === 0n) return retire(env, len);
+        const rsi = reg('rsi');
+        const rdi = reg('rdi');
+        const inPage = (x: bigint): bigint => 4096n - (x & 0xfffn);
+        let n = count;
+        if (inPage(rsi) < n) n = inPage(rsi);
+        if (inPage(rdi) < n) n = inPage(rdi);
+        const src = await dataAccess(env, rsi, Number(n), 'r');
+        if (!Array.isArray(src)) return src;
+        const bytes = readPieces(env, src);
+        const dst = await dataAccess(env, rdi, Number(n), 'w');
+        if (!Array.isArray(dst)) return dst;
+        writePieces(env, dst, bytes);
+        cpu.regs.rsi = BigInt.asUintN(64, rsi + n);
+        cpu.regs.rdi = BigInt.asUintN(64, rdi + n);
+        cpu.regs.rcx = count - n;
+      }
+    }
+    case 'syscall': {
+      if (cpu.mode !== 8) return ud(env, 'SYSCALL outside 64-bit mode');
+      if ((cpu.sregs.efer & EFER_SCE) === 0n) return ud(env, 'SYSCALL with EFER.SCE = 0');
+      const star = cpu.readMsr(MSR.STAR) ?? 0n;
+      const sfmask = cpu.readMsr(MSR.SFMASK) ?? 0n;
+      const lstar = cpu.readMsr(MSR.LSTAR) ?? 0n;
+      const sel = Number((star >> 32n) & 0xfffcn);
+      cpu.regs.rcx = BigInt.asUintN(64, rip + BigInt(entry.length));
+      cpu.regs.r11 = cpu.regs.rflags;
+      cpu.regs.rflags = (cpu.regs.rflags & ~sfmask & ~RFLAGS_RF) | 0x2n;
+      const s = cpu.sregs;
+      cpu.sregs = {
+        ...s,
+        cs: { ...s.cs, selector: sel, dpl: 0, l: 1, db: 0 },
+        ss: { ...s.ss, selector: sel + 8, dpl: 0 },
+      };
+      cpu.regs.rip = lstar;
+      return { kind: 'retired' };
     }
     case 'load': {
       const a = await dataAccess(env, reg(e.base), e.size, 'r');
@@ -325,6 +370,7 @@ export async function execute(env: ExecEnv, f: Fetched): Promise<ExecResult> {
       if (why) return gp(env, why);
       const old = cpu.readCr(e.cr);
       const r = await env.cr(e.cr, old, proposed);
+      if (r === 'stop') return { kind: 'stopped' };
       if (r === 'refuse') return gp(env, `the CR${e.cr} write was refused`);
       cpu.writeCr(e.cr, r.write);
       return retire(env, len, { value: cpu.readCr(e.cr) });

@@ -8,11 +8,12 @@ import { afterEach, describe, expect, it } from 'vitest';
 
 import { KERNEL_BASE } from '../../src/index.js';
 import {
-  ACTION, ALL_ONES, E, EV, ID, RAX_ENOSYS, eventReply, idOf, le64, maskEventPadding, patchSeq, reply, req, seqOf, specific, vmEventUnhook,
+  ACTION, ALL_ONES, E, EV, ID, INSN, RAX_ENOSYS, eventReply, idOf, insnLen, le64, maskEventPadding, patchSeq, reply, req, seqOf, specific,
+  vmEventUnhook,
 } from './support/bytes.js';
 import { expectEvent } from './support/events.js';
 import { golden, handWritten } from './support/oracles.js';
-import { Rig, closeRigs, until } from './support/rig.js';
+import { Rig, archOf, closeRigs, until } from './support/rig.js';
 
 afterEach(closeRigs);
 
@@ -330,6 +331,93 @@ describe('KVMI_VCPU_EVENT_PF (17)', () => {
     await expectEvent(r, { seq: 1, event: EV.PF, vcpu: 2, specific: specific.pf(ALL_ONES, 0x300000n, 1) });
     r.conn.send(gr('event-pf-reply-crash', 1));
     expect(await p).toMatchObject({ outcome: 'retry', crashed: true });
+  });
+});
+
+describe('guest actions resume at the register RIP (real instructions, ground-truth lengths)', () => {
+  // The boot RIP KERNEL_BASE + 0x100000 maps to gpa 0x100000 (boot page tables, 2 MiB kernel map).
+  const BOOT_RIP = KERNEL_BASE + 0x100000n;
+  const BOOT_GPA = 0x100000n;
+  /** The bytes at a gpa, read raw with VM_READ_PHYSICAL. */
+  async function readRaw(r: Rig, seq: number, gpa: bigint, size: number): Promise<string> {
+    const f = await r.conn.call(req.readPhys(seq, gpa, size));
+    expect(f.slice(0, 32)).toBe(reply(ID.VM_READ_PHYSICAL, seq, 0, '00'.repeat(size)).slice(0, 32));
+    return f.slice(32);
+  }
+
+  it('a retired action moves RIP by its length; the next action is placed after it (straight-line code)', async () => {
+    const r = await Rig.start({ vm: EIGHT });
+    const v = r.vcpu(4);
+    await ok(r, req.controlEvents(1, 4, EV.CR, 1));
+    await ok(r, req.controlCr(2, 4, 4, 1));
+    expect(v.cpu.regs.rip).toBe(BOOT_RIP);
+    const cr4 = v.cpu.sregs.cr4;
+    const p = v.writeCr(4, cr4 ^ 0x80n);
+    await expectEvent(r, { seq: 1, event: EV.CR, vcpu: 4, specific: specific.cr(4, cr4, cr4 ^ 0x80n) });
+    expect(archOf(v).regs.rip).toBe(BOOT_RIP); // the event's RIP is the MOV
+    expect(await readRaw(r, 3, BOOT_GPA, 3)).toBe(INSN['mov cr4, rax']);
+    r.conn.send(eventReply(1, 4, ACTION.CONTINUE, EV.CR, { data: le64(cr4) })); // deny: keep the old value
+    expect(await p).toMatchObject({ outcome: 'completed', value: cr4 });
+    expect(v.cpu.regs.rip).toBe(BOOT_RIP + insnLen('mov cr4, rax'));
+    expect((await v.wrmsr(0xc0000103, 9n)).outcome).toBe('completed'); // TSC_AUX, no event
+    expect(v.cpu.regs.rip).toBe(BOOT_RIP + insnLen('mov cr4, rax') + insnLen('wrmsr'));
+    expect(await readRaw(r, 4, BOOT_GPA, 5)).toBe(INSN['mov cr4, rax'] + INSN.wrmsr);
+    // A fault leaves RIP at the faulting instruction: WRMSR to an MSR the vCPU does not have is #GP.
+    const before = v.cpu.regs.rip;
+    expect((await v.wrmsr(0x12345, 1n)).outcome).toBe('gp');
+    expect(v.cpu.regs.rip).toBe(before);
+  });
+
+  it('PF on a 4-byte store (`mov [rdi], eax`): CONTINUE performs the write and moves RIP past it', async () => {
+    const r = await Rig.start({ vm: EIGHT });
+    const v = r.vcpu(2);
+    await ok(r, req.setPageAccess(1, [req.pageEntry(0x300000n, 5)]));
+    await ok(r, req.controlEvents(2, 2, EV.PF, 1));
+    const rip = v.cpu.regs.rip;
+    const p = v.access({ gva: KERNEL_BASE + 0x300010n }, 'w', { data: Buffer.from('11223344', 'hex') });
+    await expectEvent(r, { seq: 1, event: EV.PF, vcpu: 2, specific: specific.pf(KERNEL_BASE + 0x300010n, 0x300010n, 2) });
+    expect(await readRaw(r, 3, BOOT_GPA, 2)).toBe(INSN['mov [rdi], eax']);
+    r.conn.send(eventReply(1, 2, ACTION.CONTINUE, EV.PF));
+    expect(await p).toMatchObject({ outcome: 'completed', events: [{ event: 'PF', seq: 1, ended: 'CONTINUE' }] });
+    expect(r.vm.memory.read(0x300010n, 5)!.toString('hex')).toBe('1122334400');
+    expect(v.cpu.regs.rip).toBe(rip + insnLen('mov [rdi], eax'));
+  });
+
+  it('PF on a 2-byte store (`mov [rdi], ax`): RETRY leaves RIP at the store and memory unchanged; RETRY after SET_REGISTERS RIP + length skips it', async () => {
+    const r = await Rig.start({ vm: EIGHT });
+    const v = r.vcpu(2);
+    await ok(r, req.setPageAccess(1, [req.pageEntry(0x300000n, 5)]));
+    await ok(r, req.controlEvents(2, 2, EV.PF, 1));
+    const rip = v.cpu.regs.rip;
+    let p = v.access({ gva: KERNEL_BASE + 0x300020n }, 'w', { data: Buffer.from('aabb', 'hex') });
+    await expectEvent(r, { seq: 1, event: EV.PF, vcpu: 2, specific: specific.pf(KERNEL_BASE + 0x300020n, 0x300020n, 2) });
+    expect(await readRaw(r, 3, BOOT_GPA, 3)).toBe(INSN['mov [rdi], ax']);
+    r.conn.send(eventReply(1, 2, ACTION.RETRY, EV.PF));
+    expect(await p).toMatchObject({ outcome: 'retry' });
+    expect(v.cpu.regs.rip).toBe(rip); // the store is still at RIP: the next entry re-executes it
+    expect(r.vm.memory.read(0x300020n, 2)!.toString('hex')).toBe('0000');
+    p = v.access({ gva: KERNEL_BASE + 0x300020n }, 'w', { data: Buffer.from('aabb', 'hex') });
+    await expectEvent(r, { seq: 2, event: EV.PF, vcpu: 2, specific: specific.pf(KERNEL_BASE + 0x300020n, 0x300020n, 2) });
+    const regs = archOf(v).regs;
+    await ok(r, req.setRegs(4, 2, { ...regs, rip: regs.rip + insnLen('mov [rdi], ax') }));
+    r.conn.send(eventReply(2, 2, ACTION.RETRY, EV.PF));
+    expect(await p).toMatchObject({ outcome: 'retry' });
+    expect(v.cpu.regs.rip).toBe(rip + insnLen('mov [rdi], ax')); // skipped
+    expect(r.vm.memory.read(0x300020n, 2)!.toString('hex')).toBe('0000');
+  });
+
+  it('a CR write refused by the not-CONTINUE path (#GP) leaves RIP at the MOV', async () => {
+    const r = await Rig.start({ vm: EIGHT });
+    const v = r.vcpu(5);
+    await ok(r, req.controlEvents(1, 5, EV.CR, 1));
+    await ok(r, req.controlCr(2, 5, 0, 1));
+    const cr0 = v.cpu.sregs.cr0;
+    const rip = v.cpu.regs.rip;
+    const p = v.writeCr(0, cr0 & ~0x10000n);
+    await expectEvent(r, { seq: 1, event: EV.CR, vcpu: 5, specific: specific.cr(0, cr0, cr0 & ~0x10000n) });
+    r.conn.send(gr('event-cr-reply-crash', 1));
+    expect(await p).toMatchObject({ outcome: 'gp', value: cr0 });
+    expect(v.cpu.regs.rip).toBe(rip);
   });
 });
 

@@ -95,6 +95,29 @@ export const RAX_ENOSYS = BigInt.asUintN(64, -1000n);
 /** §4.1 TRANSLATE_GVA / §5.4 PF: "all ones". */
 export const ALL_ONES = 0xffffffffffffffffn;
 
+// ---- guest instructions: the encodings a guest action places at RIP ------------------------------
+//
+// Typed from the Intel SDM Vol. 2 opcode tables (not from @periscope/x86, not from a decoder). A guest
+// action that retires moves RIP by exactly this many bytes; the bytes are what a tool reads at the
+// event's RIP.
+
+export const INSN = {
+  'mov cr0, rax': '0f22c0', // 0F 22 /r, ModR/M 11 000 000
+  'mov cr3, rax': '0f22d8', // 0F 22 /r, ModR/M 11 011 000
+  'mov cr4, rax': '0f22e0', // 0F 22 /r, ModR/M 11 100 000
+  wrmsr: '0f30',
+  xsetbv: '0f01d1',
+  vmcall: '0f01c1',
+  int3: 'cc',
+  'mov [rdi], rax': '488907', // REX.W 89 /r, ModR/M 00 000 111
+  'mov [rdi], eax': '8907', // 89 /r
+  'mov [rdi], ax': '668907', // 66 89 /r
+  'mov [rdi], al': '8807', // 88 /r
+  'mov rax, [rdi]': '488b07', // REX.W 8B /r
+} as const;
+/** The ground-truth length of an instruction a guest action runs. */
+export const insnLen = (name: keyof typeof INSN): bigint => BigInt(INSN[name].length / 2);
+
 // ---- §2.1 kvmi_msg_hdr, §2.3 kvmi_error_code, §2.5 kvmi_vcpu_hdr --------------------------------
 
 /** `struct kvmi_msg_hdr {u16 id; u16 size; u32 seq}`. */
