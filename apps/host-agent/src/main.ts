@@ -5,19 +5,34 @@
  */
 import { hostname } from 'node:os';
 import { ConfigError, defineSchema, loadConfig, networkOptions, parseAddress } from '@periscope/config';
-import { CookieFileError, HostAgent, loadCookieFile, type CookieLookup } from '@periscope/host-agent';
+import { ALLOW_COMMAND_KEYS, CookieFileError, HostAgent, loadCookieFile, type CookieLookup, type LinkConfig } from '@periscope/host-agent';
 import { loadDefaultPolicy, loadPolicyFile, VerdictsError, type Policy } from '@periscope/verdicts';
 
 export const hostAgentSchema = defineSchema({
   options: {
     ...networkOptions,
     'kvmi-listen': { kind: 'list', items: 'address', description: 'Unix socket(s) QEMU connects to (unix:PATH); repeat for several', required: true },
-    analysis: { kind: 'address', description: 'analysis service address (the streaming link arrives with issue #7; accepted and reported now)' },
+    analysis: { kind: 'address', description: 'analysis service HOST:PORT: the agent dials out and keeps one gRPC stream (mTLS with --tls-*); without it the agent runs standalone on its local rules' },
+    'state-dir': { kind: 'path', description: 'directory for state that must survive restarts: the detection spool (spool/) and VMs paused by analysis (paused.json); without it both are kept in memory only' },
+    'allow-command': {
+      kind: 'list',
+      description: `let analysis run a dangerous operation on this host (repeat, or comma-separated): ${ALLOW_COMMAND_KEYS.join(', ')}; refused (REFUSED_BY_AGENT_POLICY) by default`,
+      validate: (xs: string[]) => {
+        const bad = xs.filter((x) => !(ALLOW_COMMAND_KEYS as readonly string[]).includes(x));
+        return bad.length > 0 ? `unknown command key(s) ${bad.join(', ')}; known: ${ALLOW_COMMAND_KEYS.join(', ')}` : undefined;
+      },
+    },
+    'report-queue-size': { kind: 'integer', min: 16, max: 16777216, default: 65536, description: 'bound of the report queue (records); beyond it reports are dropped, counted and a loss record goes up' },
+    'report-batch': { kind: 'integer', min: 1, max: 65536, default: 512, description: 'most records per EventBatch/VerdictBatch message' },
+    'spool-max-bytes': { kind: 'integer', min: 4096, max: 68719476736, default: 67108864, description: 'bound of the detection spool in bytes; a detection that does not fit is dropped and counted' },
+    'link-backoff-max': { kind: 'duration', min: '100ms', max: '5m', default: '10s', description: 'longest wait between reconnect attempts (jittered exponential backoff from 100ms)' },
+    'max-held-events': { kind: 'integer', min: 1, max: 1000000, default: 1024, description: 'events held for central verdicts at once, unless the policy says (beyond it: the default at once)' },
     'host-id': { kind: 'string', description: 'this host\'s id in the fleet (default: the hostname)' },
     'cookie-file': { kind: 'path', description: 'shared secret QEMU checks (raw bytes), or a JSON map {"<vm uuid>": "secret", "*": "default"}' },
     policy: { kind: 'path', description: 'local policy file (periscope.verdicts/v1 JSON); default: the shipped default policy' },
     'socket-group': { kind: 'integer', min: 0, max: 2147483647, description: 'numeric gid for the KVMI socket files (mode 0660): QEMU\'s group' },
-    'heki-listen': { kind: 'address', description: 'Unix socket for the VMM Heki sink (issue #11; accepted and reported now)' },
+    'heki-listen': { kind: 'address', description: 'Unix socket (unix:PATH) for the VMMs\' Heki sink: RegisterVm, configure and denial exits (docs/heki.md)' },
+    'heki-denial': { kind: 'enum', values: ['reenter', 'stop'], default: 'reenter', description: 'how a Heki denial is completed: reenter (KVM injects #GP(0)) or stop (the VMM stops the VM)' },
     'api-listen': { kind: 'address', description: 'local API for the CLI (unix:PATH)' },
     'metrics-listen': { kind: 'address', description: 'HOST:PORT for Prometheus /metrics and /healthz' },
     'log-level': { kind: 'enum', values: ['debug', 'info', 'warn', 'error'], default: 'info', description: 'least severe log level written (JSON lines on stderr)' },
@@ -47,6 +62,7 @@ export async function runHostAgent(argv: string[]): Promise<number> {
   let cookies: CookieLookup;
   let kvmiPaths: string[];
   let apiPath: string | undefined;
+  let hekiListen: string | undefined;
   let metrics: { host: string; port: number } | undefined;
   try {
     kvmiPaths = v['kvmi-listen'].map(unixPath);
@@ -57,6 +73,7 @@ export async function runHostAgent(argv: string[]): Promise<number> {
       cookies = () => Buffer.alloc(0);
     }
     if (v['api-listen']) apiPath = unixPath(v['api-listen']);
+    if (v['heki-listen']) hekiListen = unixPath(v['heki-listen']);
     if (v['metrics-listen']) {
       const a = parseAddress(v['metrics-listen']);
       if (!a || a.kind !== 'tcp' || a.port === undefined) throw new ConfigError('invalid-value', `--metrics-listen must be HOST:PORT, got ${v['metrics-listen']}`, { key: 'metrics-listen' });
@@ -69,8 +86,23 @@ export async function runHostAgent(argv: string[]): Promise<number> {
     }
     throw e;
   }
-  if (v.analysis) log('info', 'analysis link not built yet (issue #7): running standalone on local rules', { analysis: v.analysis });
-  if (v['heki-listen']) log('info', 'Heki sink not built yet (issue #11)', { heki: v['heki-listen'] });
+  let link: LinkConfig | undefined;
+  if (v.analysis) {
+    link = {
+      address: v.analysis,
+      ...(cfg.tls ? { tls: { ca: cfg.tls.ca, cert: cfg.tls.cert, key: cfg.tls.key } } : {}),
+      allowCommands: v['allow-command'],
+      reportQueueSize: v['report-queue-size'],
+      batchMax: v['report-batch'],
+      spoolMaxBytes: v['spool-max-bytes'],
+      maxHeldEvents: v['max-held-events'],
+      backoff: { maxMs: v['link-backoff-max'] },
+    };
+    if (!v['state-dir']) log('warn', 'no --state-dir: spooled detections and analysis pauses are kept in memory only (lost on restart)');
+    log('info', 'analysis link configured', { analysis: v.analysis, fleetMode: cfg.fleetMode, allowCommands: v['allow-command'] });
+  } else if (v['allow-command'].length > 0) {
+    log('warn', '--allow-command without --analysis has no effect');
+  }
   let agent: HostAgent;
   try {
     agent = new HostAgent({
@@ -82,6 +114,9 @@ export async function runHostAgent(argv: string[]): Promise<number> {
     ...(v['socket-group'] !== undefined ? { socketGid: v['socket-group'] } : {}),
     ...(metrics ? { metricsListen: metrics } : {}),
     ...(apiPath ? { apiPath } : {}),
+    ...(link ? { link } : {}),
+    ...(v['state-dir'] ? { stateDir: v['state-dir'] } : {}),
+    ...(hekiListen ? { hekiListen, hekiPolicy: { denial: v['heki-denial'] } } : {}),
     });
   } catch (e) {
     if (e instanceof VerdictsError) {

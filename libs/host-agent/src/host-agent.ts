@@ -5,12 +5,16 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { existsSync, unlinkSync } from 'node:fs';
 import { events } from '@periscope/kvmi';
-import { compilePolicy, deriveInterception, type Policy } from '@periscope/verdicts';
+import { deriveInterception, type Policy } from '@periscope/verdicts';
 import type { CookieLookup } from './cookies.js';
 import { KvmiListener, type Log } from './kvmi-listener.js';
 import { Registry, STALL_BUCKETS } from './metrics.js';
 import { planFromPolicy, policyDecider } from './policy-decider.js';
 import type { VmConnection } from './vm-connection.js';
+import { HekiSink, type HekiPolicy } from './heki/sink.js';
+import { vmsWithHeki, vmWithHeki } from './heki/api.js';
+import { LINK_STATE_VALUE } from './link/client.js';
+import { LinkRuntime, PolicyHolder, type LinkConfig } from './link/runtime.js';
 
 export interface HostAgentOptions {
   hostId: string;
@@ -23,6 +27,13 @@ export interface HostAgentOptions {
   metricsListen?: { host: string; port: number };
   /** Unix socket path for the local API (CLI). */
   apiPath?: string;
+  /** Unix socket path for the VMMs' Heki sink (`--heki-listen`); its local policy. */
+  hekiListen?: string;
+  hekiPolicy?: Partial<HekiPolicy>;
+  /** The analysis link (`--analysis`); without it the agent runs standalone on its local rules. */
+  link?: LinkConfig;
+  /** Persistent state (`--state-dir`): the detection spool and the paused-VM list. */
+  stateDir?: string;
 }
 
 const EVENT_NAME = new Map<number, string>(Object.values(events).map((e) => [e.id, e.key]));
@@ -33,11 +44,16 @@ export class HostAgent {
   readonly listener: KvmiListener;
   private metricsServer: Server | undefined;
   private apiServer: Server | undefined;
-  private readonly policyInfo: { id: string; version: string; rules: number };
+  readonly policies: PolicyHolder;
+  readonly link: LinkRuntime | undefined;
+  /** The Heki sink (`--heki-listen`): subscribe to its `configure` / `denial` / `registered` events. */
+  readonly heki: HekiSink | undefined;
 
   constructor(private readonly opts: HostAgentOptions) {
-    const compiled = compilePolicy(opts.policy);
-    this.policyInfo = { id: opts.policy.id, version: opts.policy.version.toString(), rules: opts.policy.rules.length };
+    this.policies = new PolicyHolder(opts.policy);
+    this.heki = opts.hekiListen
+      ? new HekiSink({ path: opts.hekiListen, log: opts.log, registry: this.registry, ...(opts.hekiPolicy ? { policy: opts.hekiPolicy } : {}), ...(opts.socketGid !== undefined ? { socketGid: opts.socketGid } : {}) })
+      : undefined;
     const r = this.registry;
     const eventsTotal = r.counter('periscope_agent_events_total', 'KVMI vCPU events received, by kind');
     const verdicts = r.counter('periscope_agent_verdicts_total', 'local verdicts, by rule and action');
@@ -48,7 +64,19 @@ export class HostAgent {
     const eventCounters = new Map<number, { inc(): void }>();
     const verdictCounters = new Map<number, Map<string, { inc(): void }>>();
     const stallSeries = new Map<number, Map<string | number, { observe(v: number): void }>>();
-    const decide = policyDecider(compiled, (_vm, v) => {
+    this.link = opts.link
+      ? new LinkRuntime({
+          hostId: opts.hostId,
+          config: opts.link,
+          stateDir: opts.stateDir,
+          policies: this.policies,
+          vm: (uuid) => this.listener.vms.get(uuid),
+          vms: () => this.listener.vms.values(),
+          log: opts.log,
+        })
+      : undefined;
+    const link = this.link;
+    const decide = policyDecider(this.policies, (_vm, v) => {
       let ec = eventCounters.get(v.eventId);
       if (!ec) eventCounters.set(v.eventId, (ec = eventsTotal.bind({ kind: EVENT_NAME.get(v.eventId) ?? String(v.eventId) })));
       ec.inc();
@@ -58,7 +86,7 @@ export class HostAgent {
       let vc = byAction.get(v.kind);
       if (!vc) byAction.set(v.kind, (vc = verdicts.bind({ rule: v.ruleId ?? 'default', action: v.kind })));
       vc.inc();
-    });
+    }, link ? { onVerdict: (vm, view, v, compiled) => link.onVerdict(vm, view, v, compiled) } : undefined);
     const stallFor = (eventId: number, outcome: string | number) => {
       let byOutcome = stallSeries.get(eventId);
       if (!byOutcome) stallSeries.set(eventId, (byOutcome = new Map()));
@@ -79,9 +107,20 @@ export class HostAgent {
       onAttached: (vm) => {
         attached.inc();
         vm.onStall = (ns, eventId, d) => stallFor(eventId, d.kind === 'reply' ? d.action : d.kind).observe(Number(ns) / 1e9);
+        link?.vmAttached(vm);
       },
-      onDetached: (_vm, reason) => detached.inc({ reason }),
+      onDetached: (vm, reason) => {
+        detached.inc({ reason });
+        link?.vmDetached(vm, reason);
+      },
     });
+    this.policies.onSwap = (compiled) => {
+      const plan = planFromPolicy(deriveInterception(compiled.policy));
+      this.listener.setPlan(plan);
+      for (const vm of this.listener.vms.values()) {
+        vm.extendPlan(plan).catch((e: unknown) => opts.log('warn', `extending interception for the new policy failed: ${(e as Error).message}`, { vm: vm.uuid }));
+      }
+    };
     const c = this.listener.counters;
     r.gauge('periscope_agent_vms_attached', 'VMs currently attached').track(() => this.listener.vms.size);
     r.gauge('periscope_agent_connections_total', 'QEMU connections accepted').track(() => c.connections);
@@ -89,10 +128,43 @@ export class HostAgent {
     r.gauge('periscope_agent_handshake_failures_total', 'handshakes that failed on our side').track(() => c.handshakeFailures);
     r.gauge('periscope_agent_attach_failures_total', 'attach sequences that failed').track(() => c.attachFailures);
     r.gauge('periscope_agent_held_events', 'vCPUs currently waiting for a decision').track(() => [...this.listener.vms.values()].reduce((n, vm) => n + vm.heldCount, 0));
+    r.gauge('periscope_agent_policy_version', 'version of the active local policy').track(() => Number(this.policies.current.policy.version));
+    if (link) this.linkMetrics(link);
+  }
+
+  private linkMetrics(link: LinkRuntime): void {
+    const r = this.registry;
+    const q = link.queue;
+    const h = link.held.stats;
+    r.gauge('periscope_agent_link_state', 'analysis link: 0 idle, 1 connecting, 2 up, 3 backoff, 4 stopped').track(() => LINK_STATE_VALUE[link.client.state]);
+    r.gauge('periscope_agent_link_connects_total', 'analysis streams opened').track(() => link.client.stats.connects);
+    r.gauge('periscope_agent_link_disconnects_total', 'analysis streams lost').track(() => link.client.stats.disconnects);
+    r.gauge('periscope_agent_report_queue_depth', 'report records waiting to be sent').track(() => q.depth);
+    r.gauge('periscope_agent_report_queue_capacity', 'report queue bound (records)').track(() => q.capacity);
+    r.gauge('periscope_agent_reports_sent_total', 'verdict records sent').track(() => q.stats.sentRecords);
+    r.gauge('periscope_agent_report_batches_total', 'batch messages sent').track(() => q.stats.verdictBatches + q.stats.eventBatches);
+    r.gauge('periscope_agent_reports_dropped_total', 'report records dropped (queue full or link down), each counted in a loss record').track(() => q.stats.dropped);
+    r.gauge('periscope_agent_loss_records_total', 'loss records sent').track(() => q.stats.lossRecords);
+    r.gauge('periscope_agent_spool_bytes', 'detection spool size in bytes').track(() => link.spool.bytes);
+    r.gauge('periscope_agent_spool_detections', 'detections spooled, not yet acknowledged').track(() => link.spool.count);
+    r.gauge('periscope_agent_detections_dropped_total', 'detections dropped: spool full').track(() => link.spool.stats.dropped);
+    r.gauge('periscope_agent_ask_central_held', 'events currently held for a central verdict').track(() => link.held.size);
+    const ask = r.gauge('periscope_agent_ask_central_total', 'ask-central events, by outcome');
+    ask.track(() => h.central, { outcome: 'central' });
+    ask.track(() => h.deadline, { outcome: 'deadline' });
+    ask.track(() => h.unavailable, { outcome: 'central_unavailable' });
+    ask.track(() => h.holdLimit, { outcome: 'hold_limit' });
+    ask.track(() => h.invalid, { outcome: 'invalid_verdict' });
+    r.gauge('periscope_agent_verdicts_late_total', 'central verdicts dropped: late, unknown or for an old session').track(() => h.late);
+    r.gauge('periscope_agent_commands_total', 'commands from analysis executed').track(() => link.commands.stats.executed);
+    r.gauge('periscope_agent_commands_refused_total', 'commands refused by the agent allow-list').track(() => link.commands.stats.refused);
+    r.gauge('periscope_agent_vms_paused', 'VMs paused by analysis (persisted)').track(() => link.pauses.size);
   }
 
   async start(): Promise<void> {
     await this.listener.start();
+    await this.heki?.start();
+    this.link?.start();
     if (this.opts.metricsListen) {
       const { host, port } = this.opts.metricsListen;
       this.metricsServer = createServer((req, res) => this.serveMetrics(req, res));
@@ -109,7 +181,9 @@ export class HostAgent {
 
   /** SIGTERM: detach every VM (guest restored), then stop serving. */
   async stop(deadlineMs = 1000): Promise<void> {
+    this.link?.stop();
     await this.listener.stop(deadlineMs);
+    await this.heki?.stop();
     await Promise.all([this.metricsServer, this.apiServer].map((s) => (s ? new Promise<void>((r) => s.close(() => r())) : undefined)));
   }
 
@@ -126,13 +200,17 @@ export class HostAgent {
       res.writeHead(code, { 'content-type': 'application/json' }).end(JSON.stringify(body, (_k, v: unknown) => (typeof v === 'bigint' ? v.toString() : v)));
     };
     const url = new URL(req.url ?? '/', 'http://agent');
-    if (url.pathname === '/v1/vms') return send(200, { hostId: this.opts.hostId, vms: [...this.listener.vms.values()].map(vmSummary) });
+    if (url.pathname === '/v1/vms') return send(200, { hostId: this.opts.hostId, vms: vmsWithHeki([...this.listener.vms.values()].map(vmSummary), this.heki) });
     const m = /^\/v1\/vms\/([0-9a-f-]{36})$/.exec(url.pathname);
     if (m) {
       const vm = this.listener.vms.get(m[1]!);
-      return vm ? send(200, vmSummary(vm)) : send(404, { error: 'no such VM attached', uuid: m[1] });
+      const body = vmWithHeki(vm ? vmSummary(vm) : undefined, m[1]!, this.heki);
+      return body ? send(200, body) : send(404, { error: 'no such VM attached', uuid: m[1] });
     }
-    if (url.pathname === '/v1/rules') return send(200, { policy: this.policyInfo, rules: this.opts.policy.rules.map((r) => ({ id: r.id, match: r.match, action: r.action })) });
+    if (url.pathname === '/v1/rules') {
+      const p = this.policies.current.policy;
+      return send(200, { policy: { id: p.id, version: p.version.toString(), rules: p.rules.length }, rules: p.rules.map((r) => ({ id: r.id, match: r.match, action: r.action })) });
+    }
     return send(404, { error: `unknown path ${url.pathname}`, paths: ['/v1/vms', '/v1/vms/{uuid}', '/v1/rules'] });
   }
 }

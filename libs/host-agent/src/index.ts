@@ -2,6 +2,16 @@ export { KvmiListener, ListenerError, type KvmiListenerOptions, type Log } from 
 export { VmConnection, EMPTY_PLAN, type Decide, type EventDecision, type ProtectionPlan, type VmInfo, type VmConnectionOptions } from './vm-connection.js';
 export { loadCookieFile, parseCookies, CookieFileError, type CookieLookup } from './cookies.js';
 export { skipInstruction, type SkipResult } from './instruction-skip.js';
-export { policyDecider, planFromPolicy, type VerdictObserver } from './policy-decider.js';
+export { policyDecider, planFromPolicy, type VerdictObserver, type PolicySource, type DeciderHooks } from './policy-decider.js';
 export { HostAgent, type HostAgentOptions } from './host-agent.js';
 export { Registry, Counter, Gauge, Histogram, STALL_BUCKETS } from './metrics.js';
+export { LinkRuntime, PolicyHolder, AGENT_VERSION, type LinkConfig, type LinkRuntimeOptions } from './link/runtime.js';
+export { AgentLinkClient, DEFAULT_BACKOFF, LINK_METHOD, type LinkTls, type BackoffOptions, type LinkState } from './link/client.js';
+export { ReportQueue, type BatchSink, type LinkVm, type PolicyRef } from './link/outbound-queue.js';
+export { HeldEventRegistry, heldKey, type HeldEntry } from './link/held-events.js';
+export { DetectionSpool } from './link/spool.js';
+export { PauseStore } from './link/pause-store.js';
+export { CommandExecutor, ALLOW_COMMAND_KEYS, DANGEROUS_COMMANDS, type AllowCommandKey } from './link/command-executor.js';
+export { eventFromFrame, decisionToReply, kindOfEventId } from './link/convert.js';
+export { PbWriter } from './link/wire.js';
+export * from './heki/index.js';

@@ -49,6 +49,11 @@ export class KvmiListener {
 
   constructor(private readonly opts: KvmiListenerOptions) {}
 
+  /** The plan for VMs attaching from now on (a policy install); attached VMs are extended separately. */
+  setPlan(plan: ProtectionPlan): void {
+    this.opts.plan = plan;
+  }
+
   async start(): Promise<void> {
     for (const raw of this.opts.paths) {
       const path = raw.startsWith('unix:') ? raw.slice('unix:'.length).replace(/^\/\/(?=\/)/, '') : raw;

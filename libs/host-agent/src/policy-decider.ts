@@ -2,8 +2,10 @@
  * The bridge from compiled local rules (`@periscope/verdicts`) to the agent's event decisions.
  * One evaluator per VM (its counters are per VM); the verdict is read in place from the event frame.
  *
- * Ask-central is part 2 (issue #7): until the analysis link exists, an ask-central rule applies its
- * default action at once — the same outcome as a deadline expiring with central unreachable.
+ * The compiled policy may be a fixed `CompiledPolicy` or a holder whose `current` is swapped by policy
+ * installs (a VM's evaluator is rebuilt on its next event after a swap). With `hooks` (the analysis
+ * link) an ask-central rule may hold the event for a central verdict; without it, or with the link
+ * down, the rule applies its default action at once.
  */
 import { EventAction, events, structs, type VcpuEventView } from '@periscope/kvmi';
 import { Evaluator, type CompiledPolicy, type Verdict } from '@periscope/verdicts';
@@ -14,16 +16,32 @@ export interface VerdictObserver {
   (vm: VmConnection, verdict: Verdict): void;
 }
 
-export function policyDecider(compiled: CompiledPolicy, observe?: VerdictObserver): Decide {
+/** A policy that can be replaced while VMs are attached. */
+export interface PolicySource {
+  readonly current: CompiledPolicy;
+}
+
+export interface DeciderHooks {
+  /** After evaluation, before the reply: a decision that replaces the verdict's (e.g. hold), or undefined. */
+  onVerdict(vm: VmConnection, view: VcpuEventView, verdict: Verdict, compiled: CompiledPolicy): EventDecision | undefined;
+}
+
+export function policyDecider(policy: CompiledPolicy | PolicySource, observe?: VerdictObserver, hooks?: DeciderHooks): Decide {
   const evaluators = new WeakMap<VmConnection, Evaluator>();
+  const source: PolicySource = 'current' in policy ? policy : { current: policy };
   return (view: VcpuEventView, vm: VmConnection): EventDecision => {
+    const compiled = source.current;
     let ev = evaluators.get(vm);
-    if (!ev) {
+    if (!ev || ev.compiled !== compiled) {
       ev = new Evaluator(compiled, { vmUuid: vm.uuid });
       evaluators.set(vm, ev);
     }
     const v = ev.evaluate(view);
     observe?.(vm, v);
+    if (hooks) {
+      const d = hooks.onVerdict(vm, view, v, compiled);
+      if (d) return d;
+    }
     const ruleId = v.ruleId ?? undefined;
     switch (v.kind) {
       case 'skip':

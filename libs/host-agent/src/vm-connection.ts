@@ -95,6 +95,7 @@ interface HeldEvent {
 }
 
 const CR_EVENT = events.CR.id;
+const PAUSE_EVENT = events.PAUSE.id;
 const MSR_EVENT = events.MSR.id;
 
 export class VmConnection {
@@ -116,6 +117,17 @@ export class VmConnection {
   readonly stats = { events: 0, stallNsTotal: 0n, eventsByKind: new Map<number, number>(), skips: 0, skipFailures: 0 };
   /** Called after each reply with the stall time (event received → reply written). */
   onStall: ((ns: bigint, eventId: number, decision: EventDecision) => void) | undefined;
+  /**
+   * Called after each reply written for a decided event (the analysis link reports from here, after
+   * the vCPU was released): vCPU, seq, event id, KVMI action, new_val, stall time.
+   */
+  onReplied: ((vcpu: number, seq: number, eventId: number, action: number, newVal: bigint | undefined, ns: bigint) => void) | undefined;
+  /** Paused by analysis (VmPauseControl): PAUSE events are held unanswered until resume. */
+  private pausedByAnalysis = false;
+  /** vCPUs holding a PAUSE event for the analysis pause. */
+  private readonly pauseHeld = new Set<number>();
+  /** vCPUs with a VM_PAUSE_VCPU in flight or its PAUSE event still to come. */
+  private readonly pauseRequested = new Set<number>();
 
   constructor(private readonly opts: VmConnectionOptions) {
     this.uuid = opts.hello.uuidText;
@@ -135,6 +147,8 @@ export class VmConnection {
         this.state = 'closed';
         if (this.retryTimer) clearTimeout(this.retryTimer);
         this.held.clear();
+        this.pauseHeld.clear();
+        this.pauseRequested.clear();
         this.opts.onDetached?.(this, this.detaching ? 'detached' : 'connection closed');
       },
     });
@@ -142,6 +156,59 @@ export class VmConnection {
 
   get heldCount(): number {
     return this.held.size;
+  }
+
+  /** vCPUs currently stopped by an analysis pause (holding their PAUSE event). */
+  get pausedVcpus(): number {
+    return this.pauseHeld.size;
+  }
+
+  get paused(): boolean {
+    return this.pausedByAnalysis;
+  }
+
+  /**
+   * Pause the whole VM for analysis: VM_PAUSE_VCPU(wait=1) to every vCPU that is not already stopped
+   * (or about to be); the PAUSE events are then held unanswered, exempt from any deadline. Idempotent.
+   */
+  async pause(): Promise<void> {
+    this.pausedByAnalysis = true;
+    const n = this.info?.vcpuCount ?? 0;
+    const work: Promise<unknown>[] = [];
+    for (let vcpu = 0; vcpu < n; vcpu++) {
+      if (this.pauseHeld.has(vcpu) || this.pauseRequested.has(vcpu)) continue;
+      this.pauseRequested.add(vcpu);
+      work.push(
+        this.session.request('VM_PAUSE_VCPU', { vcpu, wait: 1 }).catch((e: unknown) => {
+          this.pauseRequested.delete(vcpu);
+          throw e;
+        }),
+      );
+    }
+    await Promise.all(work);
+  }
+
+  /** Resume: answer every held PAUSE event CONTINUE. Idempotent. */
+  resume(): void {
+    this.pausedByAnalysis = false;
+    for (const vcpu of [...this.pauseHeld]) {
+      this.pauseHeld.delete(vcpu);
+      this.replyHeld(vcpu, EventAction.CONTINUE);
+    }
+  }
+
+  /** Extend the protection plan (a newly installed policy needs more interception); never removes. */
+  async extendPlan(plan: ProtectionPlan): Promise<void> {
+    const cur = this.opts.plan;
+    const merged: ProtectionPlan = {
+      vcpuEvents: [...new Set([...cur.vcpuEvents, ...plan.vcpuEvents])],
+      crs: [...new Set([...cur.crs, ...plan.crs])],
+      msrs: [...new Set([...cur.msrs, ...plan.msrs])],
+      pageAccess: cur.pageAccess,
+    };
+    this.opts.plan = merged;
+    if (!this.info || this.detaching || this.session.isClosed) return;
+    for (let vcpu = 0; vcpu < this.info.vcpuCount; vcpu++) if (!this.pendingVcpus.has(vcpu)) await this.protectVcpu(vcpu);
   }
 
   /** The attach sequence. Resolves with the VM's info; rejects (and closes) if the VM cannot be used. */
@@ -283,6 +350,17 @@ export class VmConnection {
       this.replyContinue(view);
       return;
     }
+    if (view.eventId === PAUSE_EVENT && this.pauseRequested.delete(view.vcpu)) {
+      if (this.pausedByAnalysis) {
+        // The analysis pause: hold the vCPU here, unanswered, until resume (no deadline applies).
+        this.pauseHeld.add(view.vcpu);
+        this.held.set(view.vcpu, { seq: view.seq, eventId: view.eventId, newVal: undefined, since: t0 });
+        return;
+      }
+      // Resumed before the PAUSE event arrived: let it go at once.
+      this.replyContinue(view);
+      return;
+    }
     let decision: EventDecision;
     try {
       decision = this.opts.decide(view, this);
@@ -300,7 +378,8 @@ export class VmConnection {
       return;
     }
     this.session.replyToEvent(view.seq, view.vcpu, view.eventId, decision.action, decision.newVal);
-    this.recordStall(t0, view.eventId, decision);
+    const ns = this.recordStall(t0, view.eventId, decision);
+    this.onReplied?.(view.vcpu, view.seq, view.eventId, decision.action, decision.newVal, ns);
   }
 
   private runSkip(e: DecodedEvent, decision: Extract<EventDecision, { kind: 'skip' }>): void {
@@ -333,18 +412,27 @@ export class VmConnection {
     if (!h) return false;
     this.held.delete(vcpu);
     this.session.replyToEvent(h.seq, vcpu, h.eventId, action, newVal);
-    this.recordStall(h.since, h.eventId, { kind: 'reply', action, ...(newVal !== undefined ? { newVal } : {}) });
+    const ns = this.recordStall(h.since, h.eventId, { kind: 'reply', action, ...(newVal !== undefined ? { newVal } : {}) });
+    this.onReplied?.(vcpu, h.seq, h.eventId, action, newVal, ns);
     return true;
+  }
+
+  /** Answer the held event `seq` of `vcpu` — false when that event is not held any more (never a second reply). */
+  replyHeldSeq(vcpu: number, seq: number, action: number, newVal?: bigint): boolean {
+    const h = this.held.get(vcpu);
+    if (!h || h.seq !== seq || this.session.isClosed) return false;
+    return this.replyHeld(vcpu, action, newVal);
   }
 
   private replyContinue(view: VcpuEventView): void {
     this.session.replyToEvent(view.seq, view.vcpu, view.eventId, EventAction.CONTINUE, proposedValue(view));
   }
 
-  private recordStall(t0: bigint, eventId: number, decision: EventDecision): void {
+  private recordStall(t0: bigint, eventId: number, decision: EventDecision): bigint {
     const ns = process.hrtime.bigint() - t0;
     this.stats.stallNsTotal += ns;
     this.onStall?.(ns, eventId, decision);
+    return ns;
   }
 
   /**
@@ -360,6 +448,8 @@ export class VmConnection {
     const work = (async () => {
       const s = this.session;
       // Held events first: a vCPU waiting on us must not wait for the cleanup.
+      this.pausedByAnalysis = false;
+      this.pauseHeld.clear();
       for (const [vcpu, h] of [...this.held]) {
         this.held.delete(vcpu);
         s.replyToEvent(h.seq, vcpu, h.eventId, EventAction.CONTINUE, h.newVal);

@@ -10,6 +10,7 @@ import { defineSchema, formatDuration, loadConfig } from '@periscope/config';
 import { SimError } from './errors.js';
 import { Simulator, type SimStats } from './fleet.js';
 import { MIN_MEMORY_MIB } from './guest/kernel.js';
+import { KvmmemServer } from './kvmmem/server.js';
 import { loadHostProfile, DEFAULT_HOST_PROFILE, type HostProfile } from './profile.js';
 import { loadScenario } from './scenario/parse.js';
 import type { Scenario } from './scenario/types.js';
@@ -32,8 +33,12 @@ export const simSchema = defineSchema({
     'memory-mib': { kind: 'integer', min: MIN_MEMORY_MIB, max: 1048576, default: 64, description: 'guest RAM per VM (a sparse file <run dir>/<uuid>.ram)' },
     'run-dir': { kind: 'path', description: 'directory of the RAM files (kept after exit); default: a temporary directory removed at exit' },
     scenario: { kind: 'list', items: 'path', description: 'scenario file (YAML) to run on the chosen VMs; repeatable. Without --run-for, exit when all ran' },
+    'kvmmem-listen': { kind: 'path', description: "serve the simulated /dev/kvmmem on this Unix socket (the guest agent's --sim-kvmmem): map tokens checked against these VMs" },
+    'kvmmem-abi': { kind: 'enum', values: ['1', '2'], default: '2', description: 'the /dev/kvmmem ABI the simulated module speaks: 1 (KVM_INTRO_MEM_*, per page) or 2 (KVM_GUEST_MEM_*, per region)' },
     'scenario-vms': { kind: 'list', default: ['0'], description: "VM indexes the scenarios run on (comma-separated or repeated), or 'all'" },
+    'heki-sink': { kind: 'string', description: "the host agent's Heki sink (unix:PATH): each VM's VMM enables KVM_CAP_HEKI_CONFIGURE/DENIAL and forwards the exits (docs/heki.md)" },
     'scenario-delay': { kind: 'duration', min: 0, default: '1s', description: 'wait after a VM is hooked before its first scenario (the introspector sets up)' },
+    'scenario-loop': { kind: 'duration', min: 1, description: 'run the scenarios again this long after each pass, until shutdown (an attack loop, e.g. for `periscope demo`); only the first pass is in the summary' },
     reconnect: { kind: 'duration', min: 1, default: '1s', description: "QEMU's chardev reconnect interval" },
     'unhook-timeout': { kind: 'duration', min: 0, default: '60s', description: 'how long shutdown waits for the tool to close after PREUNHOOK' },
     'status-interval': { kind: 'duration', min: 50, default: '1s', description: 'status line period' },
@@ -96,6 +101,9 @@ export async function runSimCli(argv: readonly string[], io: SimCliIo = defaultI
       }
     }
     if (v['host-profile'] !== undefined) profile = await loadHostProfile(v['host-profile']);
+    if (v['heki-sink'] !== undefined && !/^unix:.+/.test(v['heki-sink'])) {
+      throw new SimError('invalid-argument', `--heki-sink: expected unix:PATH, got ${JSON.stringify(v['heki-sink'])}`);
+    }
     for (const f of v.scenario) scenarios.push(await loadScenario(f));
     if (!v['scenario-vms'].every((x) => x === 'all' || /^\d+$/.test(x))) {
       throw new SimError('invalid-argument', `--scenario-vms: expected VM indexes or 'all', got ${v['scenario-vms'].join(',')}`);
@@ -132,11 +140,13 @@ export async function runSimCli(argv: readonly string[], io: SimCliIo = defaultI
     coldBoot: v['cold-boot'],
     memoryMiB: v['memory-mib'],
     ...(v['run-dir'] !== undefined ? { runDir: v['run-dir'] } : {}),
+    ...(v['heki-sink'] !== undefined ? { hekiSink: v['heki-sink'] } : {}),
     ...(scenarios.length > 0
       ? {
           scenarios,
           scenarioVms: v['scenario-vms'].includes('all') ? ('all' as const) : v['scenario-vms'].map(Number),
           scenarioDelayMs: v['scenario-delay'],
+          ...(v['scenario-loop'] !== undefined ? { scenarioLoopMs: v['scenario-loop'] } : {}),
         }
       : {}),
     reconnectSeconds: v.reconnect / 1000,
@@ -158,6 +168,19 @@ export async function runSimCli(argv: readonly string[], io: SimCliIo = defaultI
       return 1;
     }
     throw err;
+  }
+
+  // The simulated /dev/kvmmem of the introspection VM (issue #10).
+  let kvmmem: KvmmemServer | undefined;
+  if (v['kvmmem-listen'] !== undefined) {
+    kvmmem = new KvmmemServer({ path: v['kvmmem-listen'], vms: () => sim.vms, abi: v['kvmmem-abi'] === '1' ? 1 : 2 });
+    try {
+      await kvmmem.listen();
+    } catch (err) {
+      io.stderr(`periscope sim: --kvmmem-listen ${v['kvmmem-listen']}: ${(err as Error).message}\n`);
+      await sim.shutdown();
+      return 1;
+    }
   }
 
   let lastEvents = 0;
@@ -194,8 +217,8 @@ export async function runSimCli(argv: readonly string[], io: SimCliIo = defaultI
   if (io.signal?.aborted) onSignal();
   const runFor = v['run-for'];
   const runTimer = runFor !== undefined ? setTimeout(stop, runFor) : undefined;
-  // With scenarios and no --run-for: stop once every scenario ran.
-  if (scenarios.length > 0 && runFor === undefined) {
+  // With scenarios, no --run-for and no --scenario-loop: stop once every scenario ran.
+  if (scenarios.length > 0 && runFor === undefined && v['scenario-loop'] === undefined) {
     void sim.scenariosDone().then(
       () => stop(),
       (err: unknown) => {
@@ -207,6 +230,7 @@ export async function runSimCli(argv: readonly string[], io: SimCliIo = defaultI
 
   try {
     await stopped;
+    await kvmmem?.close();
     clearInterval(status);
     const summary = await sim.shutdown();
     if (isTTY && !json) io.stderr('\r\x1b[K');

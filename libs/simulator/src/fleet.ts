@@ -13,6 +13,7 @@ import { ramFdPoolSize, tempRunDir } from './guest/ram.js';
 import type { SimVcpu } from './kvm/vcpu.js';
 import { SimVm } from './kvm/vm.js';
 import { DEFAULT_HOST_PROFILE, type HostProfile } from './profile.js';
+import { HekiVmm } from './heki/vmm.js';
 import { deriveSeed, mulberry32, randInt, type Prng } from './prng.js';
 import { SimQemu, type ShutdownReport } from './qemu.js';
 import { runScenario } from './scenario/run.js';
@@ -57,6 +58,13 @@ export interface SimulatorOptions {
   scenarioVms?: readonly number[] | 'all';
   /** Wait this long after a VM is hooked before its first scenario (the introspector sets up). Default 1000 ms. */
   scenarioDelayMs?: number;
+  /** Run the scenarios again this long after each pass, until shutdown (the demo's attack loop). Only the first pass is reported. */
+  scenarioLoopMs?: number;
+  /**
+   * `unix:PATH` of the host agent's Heki sink: each VM's simulated VMM enables the Heki notification caps
+   * and forwards configure/denial exits there (docs/heki.md). Default: no Heki forwarding.
+   */
+  hekiSink?: string;
   log?: (line: string) => void;
 }
 
@@ -94,6 +102,8 @@ export interface SimSummary extends SimStats {
 export class Simulator {
   readonly vms: readonly SimVm[];
   readonly qemus: readonly SimQemu[];
+  /** The VMMs' Heki forwarders (with `hekiSink`), one per VM. */
+  readonly hekiVmms: HekiVmm[] = [];
   /** Where the RAM files are. */
   readonly runDir: string;
   private readonly ownRunDir: boolean;
@@ -162,6 +172,13 @@ export class Simulator {
     ensureFdLimit(this.vms.length + Math.min(this.vms.length, ramFdPoolSize()));
     this.running = true;
     for (const q of this.qemus) q.start();
+    if (this.opts.hekiSink !== undefined) {
+      for (const vm of this.vms) {
+        const h = new HekiVmm(vm, { sink: this.opts.hekiSink, ...(this.opts.log ? { log: this.opts.log } : {}) });
+        this.hekiVmms.push(h);
+        void h.start(); // the caps are enabled synchronously; registration is best effort
+      }
+    }
     const rate = this.opts.activity ?? 0;
     if (rate > 0) {
       for (const [i, vm] of this.vms.entries()) {
@@ -215,6 +232,7 @@ export class Simulator {
     this.running = false;
     this.stopWorkloads();
     const reports: ShutdownReport[] = await Promise.all(this.qemus.map((q) => q.shutdown()));
+    await Promise.all(this.hekiVmms.map((h) => h.close()));
     await Promise.all(this.workloads);
     if (this.scenarioRun) await this.scenarioRun.catch(() => undefined);
     const shutdown = { preunhookSent: 0, closedByTool: 0, timedOut: 0, notHooked: 0 };
@@ -244,12 +262,23 @@ export class Simulator {
         const vm = this.vms[i]!;
         const hooked = await Promise.race([this.qemus[i]!.waitHooked().then(() => true), this.stopped.then(() => false)]);
         if (!hooked || !this.running) return;
-        if (delay > 0) await Promise.race([new Promise((r) => setTimeout(r, delay)), this.stopped]);
-        for (const sc of this.opts.scenarios ?? []) {
-          if (!this.running) return;
-          const r = await runScenario(vm, sc);
-          this.reports.push(r);
-          this.opts.log?.(`scenario ${sc.name} on ${vm.name}: ${r.passed ? 'expectations held' : 'expectations FAILED'}`);
+        const pause = async (ms: number): Promise<void> => {
+          let timer: NodeJS.Timeout | undefined;
+          await Promise.race([new Promise((r) => (timer = setTimeout(r, ms))), this.stopped]);
+          clearTimeout(timer); // a pending timer would keep the process alive after shutdown
+        };
+        if (delay > 0) await pause(delay);
+        for (let pass = 0; ; pass++) {
+          for (const sc of this.opts.scenarios ?? []) {
+            if (!this.running) return;
+            const r = await runScenario(vm, sc);
+            if (pass > 0) continue;
+            this.reports.push(r);
+            this.opts.log?.(`scenario ${sc.name} on ${vm.name}: ${r.passed ? 'expectations held' : 'expectations FAILED'}`);
+          }
+          const loopMs = this.opts.scenarioLoopMs;
+          if (loopMs === undefined || !this.running) return;
+          await pause(loopMs);
         }
       }),
     );

@@ -70,3 +70,6 @@ export type {
   ScenarioEventReport,
 } from './scenario/types.js';
 export { SHIPPED_SCENARIOS_DIR, shippedScenarioFiles } from './scenario/shipped.js';
+export { KvmmemServer, type KvmmemServerOptions, type KvmmemServerStats } from './kvmmem/server.js';
+export { KVMMEM_REQ, type KvmmemRequest, type KvmmemResponse } from './kvmmem/protocol.js';
+export * from './heki/index.js';

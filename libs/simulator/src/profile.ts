@@ -5,7 +5,8 @@
  * ```json
  * { "singlestep": false, "descriptorExits": true, "userspaceBpDebug": false,
  *   "tscScaling": true, "tscKhz": 2500000, "introspection": true,
- *   "msrFilterDenyWrite": ["0xc0000082"], "xsaveFeatures": "0x7" }
+ *   "msrFilterDenyWrite": ["0xc0000082"], "xsaveFeatures": "0x7",
+ *   "heki": true, "hostCr0": "0x80050033", "hostCr4": "0x370ef0" }
  * ```
  */
 import { readFile } from 'node:fs/promises';
@@ -33,6 +34,15 @@ export interface HostProfile {
    * SET_PAGE_ACCESS, GET_REGISTERS, GET_XSAVE and GET_MAP_TOKEN can be exercised.
    */
   readonly failAllocations: readonly AllocationCheck[];
+  /**
+   * `CONFIG_HEKI` (docs/heki.md): the lock hypercall and the notification caps work. Without it
+   * CHECK_EXTENSION still answers 3, ENABLE_CAP fails EINVAL and the hypercalls return -KVM_ENOSYS.
+   */
+  readonly heki: boolean;
+  /** The host's CR0: a Heki CR0 pin must be a subset (heki unconfirmed `host-cr`). */
+  readonly hostCr0: bigint;
+  /** The host's CR4: Heki CR4 pins are masked with it (default: SMEP, SMAP, UMIP, FSGSBASE; no CET). */
+  readonly hostCr4: bigint;
 }
 
 export const ALLOCATION_CHECKS = ['page-access-alloc', 'token-alloc', 'reply-alloc', 'xsave-alloc'] as const;
@@ -48,9 +58,12 @@ export const DEFAULT_HOST_PROFILE: HostProfile = Object.freeze({
   msrFilterDenyWrite: Object.freeze([]) as readonly number[],
   xsaveFeatures: 0x7n,
   failAllocations: Object.freeze([]) as readonly AllocationCheck[],
+  heki: true,
+  hostCr0: 0x80050033n,
+  hostCr4: 0x370ef0n,
 });
 
-const BOOL_KEYS = ['introspection', 'singlestep', 'descriptorExits', 'userspaceBpDebug', 'tscScaling'] as const;
+const BOOL_KEYS = ['introspection', 'singlestep', 'descriptorExits', 'userspaceBpDebug', 'tscScaling', 'heki'] as const;
 
 function intOf(v: unknown, key: string, max: number): number {
   const n = typeof v === 'string' && /^(0x[0-9a-f]+|\d+)$/i.test(v) ? Number(v) : v;
@@ -79,6 +92,8 @@ export function parseHostProfile(json: unknown, base: HostProfile = DEFAULT_HOST
     } else if (key === 'xsaveFeatures') {
       out.xsaveFeatures = BigInt(intOf(v, key, 0xffffffff));
       if ((out.xsaveFeatures & 1n) === 0n) throw new SimError('bad-host-profile', 'host profile: xsaveFeatures must include x87 (bit 0)');
+    } else if (key === 'hostCr0' || key === 'hostCr4') {
+      out[key] = BigInt(intOf(v, key, 0xffffffff));
     } else if (key === 'failAllocations') {
       if (!Array.isArray(v) || !v.every((x) => (ALLOCATION_CHECKS as readonly unknown[]).includes(x))) {
         throw new SimError('bad-host-profile', `host profile: failAllocations must be a list of ${ALLOCATION_CHECKS.join(', ')}`);

@@ -1,2 +1,3 @@
 // Test support shared by projects: a minimal real gRPC analysis peer, a throwaway certificate authority
-export {};
+export { AnalysisPeer, type AnalysisPeerOptions, type PeerConnection, type PeerTls } from './analysis-peer.js';
+export { TestCa, TestCaError, type IssuedCert, type IssueOptions } from './ca.js';

@@ -48,6 +48,7 @@ export function actsAsContinue(o: EventOutcome): boolean {
  * - `userspace-exit`: #BP taken by userspace guest debugging.
  * - `unsupported`: the vCPU is in a paging mode the simulator does not model (32-bit, PAE, 5-level).
  * - `vcpu-offline` / `vcpu-crashed`: the vCPU does not run guest code.
+ * - `vm-stopped`: the VMM stopped the VM instead of re-entering (a Heki denial with STOP_VM).
  */
 export type GuestOutcome =
   | 'completed'
@@ -59,7 +60,8 @@ export type GuestOutcome =
   | 'userspace-exit'
   | 'unsupported'
   | 'vcpu-offline'
-  | 'vcpu-crashed';
+  | 'vcpu-crashed'
+  | 'vm-stopped';
 
 export interface GuestResult {
   outcome: GuestOutcome;
@@ -147,7 +149,7 @@ export interface InsnRecord {
   name?: InstructionName;
   /** Its table length. */
   length?: number;
-  result: 'retired' | 'halted' | 'fault' | 'retry' | 'mmio' | 'userspace-exit' | 'unsupported';
+  result: 'retired' | 'halted' | 'fault' | 'retry' | 'mmio' | 'userspace-exit' | 'unsupported' | 'stopped';
   vector?: number;
   times: number;
 }
@@ -155,7 +157,8 @@ export interface InsnRecord {
 /**
  * How a run ended: `completed` (RIP reached the stop address), `halted` (HLT), `exception` / `gp` /
  * `page-fault` (delivered to the guest; RIP at the faulting instruction), `mmio`, `userspace-exit`,
- * `unsupported`, `livelock`, `step-limit`, `vcpu-offline`, `vcpu-crashed`.
+ * `unsupported`, `livelock`, `step-limit`, `vcpu-offline`, `vcpu-crashed`, `vm-stopped` (the VMM stopped
+ * the VM: a Heki denial with STOP_VM).
  */
 export type RunOutcome =
   | 'completed'
@@ -169,7 +172,8 @@ export type RunOutcome =
   | 'livelock'
   | 'step-limit'
   | 'vcpu-offline'
-  | 'vcpu-crashed';
+  | 'vcpu-crashed'
+  | 'vm-stopped';
 
 export interface RunResult {
   outcome: RunOutcome;

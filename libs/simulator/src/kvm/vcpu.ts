@@ -14,7 +14,8 @@
  *
  * Guest code comes in two forms: the single-instruction **guest actions** (`writeCr`, `wrmsr`, `access`,
  * …: the instruction is named, its encoding is written at RIP when RIP maps to RAM, and it executes
- * once — a RETRY ends the action with `retry`), and **runs** (`run`): the CPU fetches and executes the
+ * once with the same resume rules as a run — retired, RIP moves past it by the table length; a RETRY
+ * ends the action with `retry` and RIP at the register RIP, where the next entry resumes), and **runs** (`run`): the CPU fetches and executes the
  * table instructions it finds at RIP until a stop address, re-executing at the register RIP after a
  * RETRY. ≥ `LIVELOCK_FAULTS` identical consecutive faults (an instruction that RETRYs with the same
  * event) are reported as a livelock.
@@ -53,6 +54,8 @@ import {
 import type { VmMemory } from '../guest/ram.js';
 import type { HostProfile } from '../profile.js';
 import { deriveSeed, mulberry32, randInt, type Prng } from '../prng.js';
+import { kvmRunHekiExit, reasonOf, type HekiCompletion, type HekiExit, type HekiKvm } from '../heki/kvm.js';
+import { KVM_EXIT_HEKI_CONFIGURE, KVM_EXIT_HEKI_DENIAL } from '../heki/constants.js';
 import type { KvmiHook } from './hook.js';
 import {
   actsAsContinue,
@@ -90,6 +93,13 @@ export interface VcpuHost {
   /** A vCPU event ended (for scenario expectations). */
   guestEvent(record: GuestEventRecord): void;
   livelock(report: LivelockReport): void;
+  /** Heki's per-VM KVM state (pins, caps, the lock hypercall). */
+  readonly heki: HekiKvm;
+  /** KVM_RUN returned a Heki exit: the VMM completes it. */
+  hekiExit(exit: HekiExit): Promise<HekiCompletion>;
+  /** Stopped by the VMM (reason), or null. */
+  readonly stopped: string | null;
+  stopVm(reason: string): void;
 }
 
 type Job =
@@ -170,6 +180,13 @@ const ID = {
 } as const;
 
 const KVM_ENOSYS_RAX = BigInt.asUintN(64, -1000n);
+/** The store a gva write of each size runs as a guest action. */
+const STORE_BY_SIZE: ReadonlyMap<number, InstructionName> = new Map<number, InstructionName>([
+  [1, 'mov [rdi], al'],
+  [2, 'mov [rdi], ax'],
+  [4, 'mov [rdi], eax'],
+  [8, 'mov [rdi], rax'],
+]);
 const MAX_EXCEPTION_LOG = 256;
 const MAX_TRACE = 4096;
 /** Identical consecutive faults on one vCPU from which a livelock is reported. */
@@ -320,7 +337,10 @@ export class SimVcpu {
   //
   // Each action is one named instruction: its registers are loaded, its encoding is written at RIP
   // (when RIP translates to RAM; otherwise the instruction runs without being placed), and it executes
-  // once on the run loop. A retired instruction moves RIP past itself; anything else leaves RIP alone.
+  // once on the run loop. A retired instruction moves RIP past itself by its table length (register RIP
+  // + length, so a SET_REGISTERS during the exit is honoured), so consecutive actions lay down straight-
+  // line code; a RETRY ends the action with `retry`, the vCPU at the register RIP (unchanged: the same
+  // instruction is there for the next entry; moved: the skip); a fault leaves RIP at the instruction.
 
   /** `mov crN, rax` (N = 0, 3, 4) with RAX = `value`. */
   writeCr(cr: 0 | 3 | 4, value: bigint): Promise<GuestResult> {
@@ -374,9 +394,10 @@ export class SimVcpu {
    * to a gpa (no linear address: the PF event's gva is ~0). Reads return `length` bytes (default 8);
    * writes store `data` (default one zero byte).
    *
-   * A gva write of 1 or 8 bytes runs `mov [rdi], al` / `mov [rdi], rax`, a gva read of 8 bytes
-   * `mov rax, [rdi]` (RDI = gva, RAX = the data), placed at RIP. Other sizes, fetches (`x`) and gpa
-   * accesses are the same checks without an instruction: RIP does not move.
+   * A gva write of 1, 2, 4 or 8 bytes runs `mov [rdi], al` / `ax` / `eax` / `rax`, a gva read of 8
+   * bytes `mov rax, [rdi]` (RDI = gva, RAX = the data), placed at RIP; retired, RIP moves past it.
+   * Other sizes, fetches (`x`) and gpa accesses are the same checks without an instruction: RIP does
+   * not move.
    */
   access(target: AccessTarget, kind: AccessKind, opts: { data?: Uint8Array; length?: number } = {}): Promise<GuestResult> {
     if (kind !== 'r' && kind !== 'w' && kind !== 'x') throw new SimError('invalid-argument', `access kind must be r, w or x`);
@@ -386,11 +407,14 @@ export class SimVcpu {
     return this.guest(async (ctx) => {
       if ('gva' in target) {
         const gva = BigInt.asUintN(64, target.gva);
-        if (kind === 'w' && (len === 8 || len === 1)) {
+        const store = kind === 'w' ? STORE_BY_SIZE.get(len) : undefined;
+        if (store) {
+          // RAX = the data in its low `len` bytes, the rest of RAX kept (a partial-register write).
           const b = Buffer.alloc(8);
           b.set(data!);
-          const rax = len === 8 ? b.readBigUInt64LE(0) : (this.cpu.regs.rax & ~0xffn) | BigInt(data![0]!);
-          return this.named(ctx, len === 8 ? 'mov [rdi], rax' : 'mov [rdi], al', { rdi: gva, rax });
+          const mask = len === 8 ? ~0n : (1n << BigInt(8 * len)) - 1n;
+          const rax = (this.cpu.regs.rax & ~mask & 0xffffffffffffffffn) | (b.readBigUInt64LE(0) & mask);
+          return this.named(ctx, store, { rdi: gva, rax });
         }
         if (kind === 'r' && len === 8) return this.named(ctx, 'mov rax, [rdi]', { rdi: gva });
         const env = this.env(ctx);
@@ -434,7 +458,10 @@ export class SimVcpu {
     return new Promise<RunResult>((resolve) => {
       this.units.push({
         start: async () => resolve(await this.runUnit(opts)),
-        refuse: () => resolve({ outcome: 'vcpu-crashed', events: [], trace: [], crashed: true, rip: this.cpu.regs.rip, instructions: 0 }),
+        refuse: () =>
+          resolve({
+            outcome: this.crashed_ ? 'vcpu-crashed' : 'vm-stopped', events: [], trace: [], crashed: this.crashed_, rip: this.cpu.regs.rip, instructions: 0,
+          }),
       });
       this.kickMain();
     });
@@ -488,13 +515,30 @@ export class SimVcpu {
       },
       cr: async (cr, old, proposed) => {
         const intro = this.intro;
+        let write = proposed;
         if (intro && intro.enabled.has(ID.CR) && intro.crs.has(cr) && old !== proposed) {
           ctx.otherExit = true;
           const o = await this.raise(ctx, 'CR', { cr, old_value: old, new_value: proposed });
-          if (o.kind === 'reply' && o.action === 'CONTINUE') return { write: o.newVal ?? 0n };
-          if (!actsAsContinue(o)) return 'refuse';
+          if (o.kind === 'reply' && o.action === 'CONTINUE') write = o.newVal ?? 0n;
+          else if (!actsAsContinue(o)) return 'refuse';
         }
-        return { write: proposed };
+        // Heki (heki unconfirmed `kvmi-heki-ordering`): the pin check runs on the value the tool allowed.
+        if ((cr === 0 || cr === 4) && this.vm.heki.violates(cr, write)) {
+          const reason = reasonOf(cr);
+          if (!this.vm.heki.exitEnabled('denial', reason)) return 'refuse'; // #GP(0) at once, no exit
+          ctx.otherExit = true;
+          const exit: HekiExit = {
+            kind: 'denial', vcpu: this.index, reason, crValue: write, rip: this.cpu.regs.rip,
+            kvmRun: kvmRunHekiExit(KVM_EXIT_HEKI_DENIAL, reason, write),
+          };
+          const c = await this.vm.hekiExit(exit);
+          if (c === 'stop') {
+            this.vm.stopVm(`Heki denial: CR${cr} ← 0x${write.toString(16)} on vCPU ${this.index}`);
+            return 'stop';
+          }
+          return 'refuse'; // re-entered: KVM injects #GP(0) at the MOV, the CR is unchanged
+        }
+        return { write };
       },
       msr: async (msr, old, proposed) => {
         const intro = this.intro;
@@ -531,8 +575,24 @@ export class SimVcpu {
       },
       hypercall: async () => {
         const r = this.cpu.regs;
-        if ((r.rax & 0xffffffffn) !== 34n) return KVM_ENOSYS_RAX;
         const long = this.cpu.mode === 8;
+        const w = (v: bigint): bigint => (long ? v : v & 0xffffffffn);
+        // KVM's hypercall ABI: nr = RAX, a0 = RBX, a1 = RCX, a2 = RDX (32-bit outside 64-bit mode).
+        const heki = this.vm.heki.hypercall(w(r.rax), w(r.rbx), w(r.rcx), w(r.rdx), this.cpu.cpl);
+        if (heki) {
+          if (heki.pinned && this.vm.heki.exitEnabled('configure', heki.pinned.reason)) {
+            ctx.otherExit = true;
+            const { reason, bits } = heki.pinned;
+            // The pin is already in effect; on re-entry KVM sets RAX = 0 and skips the VMCALL.
+            await this.vm.hekiExit({
+              kind: 'configure', vcpu: this.index, reason, crPinned: bits, rip: this.cpu.regs.rip,
+              kvmRun: kvmRunHekiExit(KVM_EXIT_HEKI_CONFIGURE, reason, bits),
+            });
+            return 0n;
+          }
+          return heki.rax;
+        }
+        if ((r.rax & 0xffffffffn) !== 34n) return KVM_ENOSYS_RAX;
         const a0 = long ? r.rdi : r.rbx & 0xffffffffn;
         const a1 = long ? r.rsi : r.rcx & 0xffffffffn;
         const intro = this.intro;
@@ -552,7 +612,7 @@ export class SimVcpu {
     const entry = instruction(name);
     const rip = this.cpu.regs.rip;
     this.pokeLinear(rip, encodeInstruction(name, entry.immediate ? 0n : undefined));
-    const r = await execute(this.env(ctx), { entry, rip, inPlace: true });
+    const r = await execute(this.env(ctx), { entry, rip });
     this.account(r, rip);
     const body = this.body(r);
     if (body.outcome === 'gp' && gpValue) {
@@ -580,6 +640,8 @@ export class SimVcpu {
         return { outcome: 'userspace-exit' };
       case 'unsupported':
         return { outcome: 'unsupported' };
+      case 'stopped':
+        return { outcome: 'vm-stopped' };
     }
   }
 
@@ -621,6 +683,7 @@ export class SimVcpu {
     for (let first = true; ; first = false) {
       if (!first) await this.preEntry();
       if (this.crashed_) return done('vcpu-crashed');
+      if (this.vm.stopped !== null) return done('vm-stopped');
       if (until !== undefined && this.cpu.regs.rip === until) return done('completed');
       if (instructions >= max) return done('step-limit');
       const ctx: GuestCtx = { events: [], otherExit: false };
@@ -665,6 +728,8 @@ export class SimVcpu {
         case 'userspace-exit':
         case 'unsupported':
           return done(r.kind);
+        case 'stopped':
+          return done('vm-stopped');
       }
     }
   }
@@ -686,7 +751,8 @@ export class SimVcpu {
           if (crashed) this.crash();
           resolve({ ...body, events: ctx.events, crashed });
         },
-        refuse: () => resolve({ outcome: 'vcpu-crashed', events: [], crashed: true }),
+        refuse: () =>
+          resolve(this.crashed_ ? { outcome: 'vcpu-crashed', events: [], crashed: true } : { outcome: 'vm-stopped', events: [], crashed: false }),
       });
       this.kickMain();
     });
@@ -753,7 +819,7 @@ export class SimVcpu {
       if (!this.online) return;
       const unit = this.units.shift();
       if (!unit) return;
-      if (this.crashed_) {
+      if (this.crashed_ || this.vm.stopped !== null) {
         unit.refuse();
         continue;
       }

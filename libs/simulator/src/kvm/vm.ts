@@ -38,6 +38,7 @@ import {
 import { EptAccess } from '@periscope/x86';
 
 import { HostErrno, SimError } from '../errors.js';
+import { HekiKvm, type HekiCompletion, type HekiExit, type HekiExitHandler } from '../heki/kvm.js';
 import { bootKernel, KERNEL_BASE, MIN_MEMORY_MIB, type KernelLayout } from '../guest/kernel.js';
 import { gfnOf, tempRunDir, VmMemory, type GfnRange } from '../guest/ram.js';
 import { DEFAULT_HOST_PROFILE, type HostProfile } from '../profile.js';
@@ -115,6 +116,10 @@ export interface SimVmEvents {
   'guest-event': [record: GuestEventRecord];
   /** A vCPU faulted identically LIVELOCK_FAULTS times in a row. */
   livelock: [report: LivelockReport];
+  /** KVM_RUN returned a Heki exit to the VMM (before the VMM completes it). */
+  'heki-exit': [exit: HekiExit];
+  /** The VMM stopped the VM (a Heki denial completed with STOP_VM): no vCPU runs guest code again. */
+  'vm-stopped': [reason: string];
 }
 
 /** The boot page tables as earlier versions exposed them. */
@@ -148,6 +153,11 @@ export class SimVm extends EventEmitter<SimVmEvents> implements VcpuHost {
   readonly paddingNoise: boolean;
   readonly stallThresholdMs: number;
   readonly stats: VmStats = newVmStats();
+  /** Heki (RFC v2): pinned CRs, notification caps, the lock hypercall (docs/heki.md). */
+  readonly heki: HekiKvm;
+  /** The VMM's handling of Heki exits (KVM_RUN returning 39/40); without one KVM_RUN is re-entered at once. */
+  hekiExitHandler: HekiExitHandler | null = null;
+  private stoppedReason: string | null = null;
   /** QEMU_CLOCK_REALTIME ms at creation (the handshake's start_time). */
   readonly startTimeMs: bigint;
   private readonly removeRamOnClose: boolean;
@@ -166,6 +176,7 @@ export class SimVm extends EventEmitter<SimVmEvents> implements VcpuHost {
     this.uuid = opts.uuid ?? uuidV4(this.prng);
     if (this.uuid.length !== 16) throw new SimError('invalid-argument', 'uuid must be 16 bytes');
     this.profile = opts.profile ?? DEFAULT_HOST_PROFILE;
+    this.heki = new HekiKvm(this.profile);
     this.pureV12 = opts.pureV12 ?? false;
     this.paddingNoise = opts.paddingNoise ?? true;
     this.stallThresholdMs = opts.stallThresholdMs ?? 1000;
@@ -381,6 +392,33 @@ export class SimVm extends EventEmitter<SimVmEvents> implements VcpuHost {
   /** @internal */
   livelock(report: LivelockReport): void {
     this.emit('livelock', report);
+  }
+
+  /** @internal A vCPU's KVM_RUN returns a Heki exit: the VMM handles it, then re-enters or stops the VM. */
+  async hekiExit(exit: HekiExit): Promise<HekiCompletion> {
+    if (exit.kind === 'configure') this.heki.stats.configureExits++;
+    else this.heki.stats.denialExits++;
+    this.emit('heki-exit', exit);
+    const h = this.hekiExitHandler;
+    if (!h) return 'reenter';
+    try {
+      return await h(exit);
+    } catch (err) {
+      this.internalError(err);
+      return 'reenter';
+    }
+  }
+
+  /** The VMM stopped the VM (e.g. a Heki denial with STOP_VM): no vCPU enters the guest again. */
+  stopVm(reason: string): void {
+    if (this.stoppedReason !== null) return;
+    this.stoppedReason = reason;
+    this.emit('vm-stopped', reason);
+  }
+
+  /** Stopped by the VMM (`stopVm`), with the reason; null while running. */
+  get stopped(): string | null {
+    return this.stoppedReason;
   }
 
   // ---- the receive thread -------------------------------------------------------------------------

@@ -23,9 +23,9 @@ export const CR_BITS: Readonly<Record<string, bigint>> = {
 const EVENT_KEYS = new Set<string>(Object.keys(kvmiEvents));
 const OUTCOMES: ReadonlySet<string> = new Set<RunOutcome | 'skipped'>([
   'completed', 'halted', 'exception', 'gp', 'page-fault', 'mmio', 'userspace-exit', 'unsupported', 'livelock', 'step-limit',
-  'vcpu-offline', 'vcpu-crashed', 'skipped',
+  'vcpu-offline', 'vcpu-crashed', 'vm-stopped', 'skipped',
 ]);
-const VERBS = ['write', 'read', 'execute', 'cr', 'wrmsr', 'lidt', 'lgdt', 'int3', 'vmcall', 'xsetbv', 'dma-write', 'delay', 'bring-up', 'load-module'] as const;
+const VERBS = ['write', 'read', 'execute', 'cr', 'wrmsr', 'lidt', 'lgdt', 'int3', 'vmcall', 'heki-lock-cr', 'xsetbv', 'dma-write', 'delay', 'bring-up', 'load-module'] as const;
 
 type Obj = Record<string, unknown>;
 
@@ -183,12 +183,20 @@ function parseStep(c: Ctx, raw: unknown, i: number, kind: 'attack' | 'benign'): 
       if (v !== null && v !== true && !(typeof v === 'object' && v !== null && Object.keys(v).length === 0)) c.fail(vp, 'takes no arguments');
       return { ...base, verb };
     case 'vmcall': {
-      const r = v === null || v === true ? {} : c.obj(v, vp, ['rax', 'rdi', 'rsi']);
+      const r = v === null || v === true ? {} : c.obj(v, vp, ['rax', 'rdi', 'rsi', 'rbx', 'rcx', 'rdx']);
+      const reg = (name: string, dflt: string): string => (r[name] === undefined ? dflt : c.expr(r[name], `${vp}.${name}`));
+      return { ...base, verb, rax: reg('rax', '34'), rdi: reg('rdi', '24'), rsi: reg('rsi', '0'), rbx: reg('rbx', '0'), rcx: reg('rcx', '0'), rdx: reg('rdx', '0') };
+    }
+    case 'heki-lock-cr': {
+      // { cr: 0|4, bits: [WP] | mask: EXPR, flags: 0|1 }; the probe is { cr: 0, mask: 0, flags: 1 }.
+      const r = c.obj(v, vp, ['cr', 'bits', 'mask', 'flags']);
+      if (r['bits'] !== undefined && r['mask'] !== undefined) c.fail(vp, 'give bits or mask, not both');
+      const mask = r['bits'] !== undefined ? `0x${c.bits(r['bits'], `${vp}.bits`).mask.toString(16)}` : r['mask'] === undefined ? '0' : c.expr(r['mask'], `${vp}.mask`);
       return {
         ...base, verb,
-        rax: r['rax'] === undefined ? '34' : c.expr(r['rax'], `${vp}.rax`),
-        rdi: r['rdi'] === undefined ? '24' : c.expr(r['rdi'], `${vp}.rdi`),
-        rsi: r['rsi'] === undefined ? '0' : c.expr(r['rsi'], `${vp}.rsi`),
+        cr: r['cr'] === undefined ? '0' : c.expr(r['cr'], `${vp}.cr`),
+        mask,
+        flags: r['flags'] === undefined ? '0' : c.expr(r['flags'], `${vp}.flags`),
       };
     }
     case 'xsetbv': {
@@ -216,7 +224,7 @@ function parseStep(c: Ctx, raw: unknown, i: number, kind: 'attack' | 'benign'): 
 }
 
 function parseExpect(c: Ctx, raw: unknown, stepIds: ReadonlySet<string>): Expectations {
-  const o = raw === undefined || raw === null ? {} : c.obj(raw, 'expect', ['events', 'no-events', 'writes', 'registers', 'executed', 'outcomes']);
+  const o = raw === undefined || raw === null ? {} : c.obj(raw, 'expect', ['events', 'no-events', 'writes', 'registers', 'executed', 'outcomes', 'results']);
   const stepRef = (v: unknown, path: string): string => {
     const s = c.str(v, path);
     if (!stepIds.has(s)) c.fail(path, `no step with id ${JSON.stringify(s)}`);
@@ -292,7 +300,11 @@ function parseExpect(c: Ctx, raw: unknown, stepIds: ReadonlySet<string>): Expect
     if (!OUTCOMES.has(oc)) c.fail(`expect.outcomes[${i}].outcome`, `expected one of ${[...OUTCOMES].join(', ')}`);
     return { step: stepRef(x['step'], `expect.outcomes[${i}].step`), outcome: oc as RunOutcome | 'skipped' };
   });
-  return { events, noEvents, writes, registers, executed, outcomes };
+  const results = c.list(o['results'], 'expect.results').map((e, i) => {
+    const x = c.obj(e, `expect.results[${i}]`, ['step', 'rax']);
+    return { step: stepRef(x['step'], `expect.results[${i}].step`), rax: c.expr(x['rax'], `expect.results[${i}].rax`) };
+  });
+  return { events, noEvents, writes, registers, executed, outcomes, results };
 }
 
 /** Parse a scenario from YAML text; `file` names it in errors. */

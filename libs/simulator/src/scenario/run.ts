@@ -397,16 +397,31 @@ async function runStep(c: Ctx, step: Step, index: number): Promise<StepReport> {
         calls = [routine('kprobe_site', {})];
       }
       break;
-    case 'vmcall': {
-      const rax = e(step.rax);
-      const rdi = e(step.rdi);
-      const rsi = e(step.rsi);
+    case 'vmcall':
+    case 'heki-lock-cr': {
+      const heki = step.verb === 'heki-lock-cr';
+      const rax = heki ? 13n : e(step.rax);
+      const rbx = heki ? e(step.cr) : e(step.rbx);
+      const rcx = heki ? e(step.mask) : e(step.rcx);
+      const rdx = heki ? e(step.flags) : e(step.rdx);
+      const rdi = heki ? 0n : e(step.rdi);
+      const rsi = heki ? 0n : e(step.rsi);
       if (step.from === 'module') {
-        calls = moduleCode([{ name: 'mov rax, imm64', imm: rax }, { name: 'mov rdi, imm64', imm: rdi }, { name: 'vmcall' }], new Set(['vmcall']));
+        calls = moduleCode(
+          [
+            { name: 'mov rax, imm64', imm: rax },
+            { name: 'mov rbx, imm64', imm: BigInt.asUintN(64, rbx) },
+            { name: 'mov rcx, imm64', imm: BigInt.asUintN(64, rcx) },
+            { name: 'mov rdx, imm64', imm: BigInt.asUintN(64, rdx) },
+            { name: 'mov rdi, imm64', imm: rdi },
+            { name: 'vmcall' },
+          ],
+          new Set(['vmcall']),
+        );
         calls[0]!.regs = { rsi };
       } else {
         routineAction('kvm_hypercall', 'vmcall', lengthOf('vmcall'));
-        calls = [routine('kvm_hypercall', { rax, rdi, rsi })];
+        calls = [routine('kvm_hypercall', { rax, rbx, rcx, rdx, rdi, rsi })];
       }
       break;
     }
@@ -439,6 +454,7 @@ async function runStep(c: Ctx, step: Step, index: number): Promise<StepReport> {
     }
   }
   if (execTarget !== undefined) sr.executed ??= false;
+  if (step.verb === 'vmcall' || step.verb === 'heki-lock-cr') sr.rax = hex(v.cpu.regs.rax);
   if (write && before) {
     const after = v.peekLinear(write.gva, write.bytes.length) ?? Buffer.alloc(0);
     sr.write = {
@@ -606,6 +622,12 @@ function check(
   for (const o of sc.expect.outcomes) {
     const s = stepOf(o.step);
     out.push({ kind: 'outcome', expected: `${o.step} ends ${o.outcome}`, ok: s?.outcome === o.outcome, observed: s?.outcome ?? 'missing' });
+  }
+  for (const x of sc.expect.results) {
+    const s = stepOf(x.step);
+    const want = safeEval(x.rax, s?.vcpu ?? 0);
+    const ok = typeof want === 'bigint' && s?.rax !== undefined && BigInt(s.rax) === BigInt.asUintN(64, want);
+    out.push({ kind: 'result', expected: `RAX after ${x.step} = ${x.rax}`, ok, observed: s?.rax !== undefined ? `RAX ${s.rax}; step ${s.outcome}` : `no RAX (${s?.outcome ?? 'missing'})` });
   }
   return out;
 }

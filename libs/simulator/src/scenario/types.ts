@@ -51,7 +51,9 @@ export type Step = StepBase &
     | { verb: 'wrmsr'; msr: number; value: Expr }
     | { verb: 'lidt' | 'lgdt'; base: Expr; limit: number }
     | { verb: 'int3' }
-    | { verb: 'vmcall'; rax: Expr; rdi: Expr; rsi: Expr }
+    | { verb: 'vmcall'; rax: Expr; rdi: Expr; rsi: Expr; rbx: Expr; rcx: Expr; rdx: Expr }
+    /** KVM_HC_LOCK_CR_UPDATE (Heki): VMCALL with RAX = 13, RBX = cr, RCX = mask, RDX = flags. */
+    | { verb: 'heki-lock-cr'; cr: Expr; mask: Expr; flags: Expr }
     | { verb: 'xsetbv'; value: Expr }
     | { verb: 'dma-write'; gpa: Expr; bytes: string }
     | { verb: 'delay'; ms: number }
@@ -103,6 +105,8 @@ export interface Expectations {
   registers: RegisterExpectation[];
   executed: Array<{ step: string; executed: boolean }>;
   outcomes: Array<{ step: string; outcome: RunOutcome | 'skipped' }>;
+  /** RAX after the step (a hypercall's result). */
+  results: Array<{ step: string; rax: Expr }>;
 }
 
 export interface Scenario {
@@ -120,7 +124,7 @@ export interface Scenario {
 // ---- reports ----------------------------------------------------------------------------------------
 
 export interface ExpectationResult {
-  kind: 'events' | 'no-events' | 'write' | 'register' | 'executed' | 'outcome';
+  kind: 'events' | 'no-events' | 'write' | 'register' | 'executed' | 'outcome' | 'result';
   /** The expectation in words. */
   expected: string;
   ok: boolean;
@@ -144,6 +148,8 @@ export interface StepReport {
   events: number;
   /** For writes and dma-write: the target and what happened to it. */
   write?: { at: string; bytes: string; before: string; after: string; landed: boolean | 'partial' };
+  /** For vmcall and heki-lock-cr: RAX after the step. */
+  rax?: string;
   /** For execute: whether the first instruction at the target retired. */
   executed?: boolean;
   error?: string;

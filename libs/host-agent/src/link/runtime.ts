@@ -1,0 +1,604 @@
+/**
+ * The analysis link, composed: the gRPC client, the report queue, ask-central holds, the detection
+ * spool, commands, policy installs and pause control. `HostAgent` owns one when `--analysis` is set.
+ *
+ * The vCPU path touches it twice, both cheap: `onVerdict` (inside the decider, before the reply: fills a
+ * per-vCPU report context, and for ask-central rules holds the event and sends it up at once) and
+ * `onReplied` (after the reply was written: one push into the report queue). Everything else runs on
+ * later turns of the event loop.
+ */
+import { randomUUID } from 'node:crypto';
+import { join } from 'node:path';
+import { events, type VcpuEventView } from '@periscope/kvmi';
+import {
+  AgentCapability,
+  CommandStatus,
+  DefaultReason,
+  DetachReason,
+  EventDisposition,
+  KvmiCommandKind,
+  KvmiDialect,
+  KvmiEventKind,
+  PolicyInstallState,
+  Severity,
+  VerdictTier,
+  uuidFromBytes,
+  type Detection,
+  type LinkRequest,
+  type LinkResponse,
+  type LocalPolicy,
+  type PolicyStatus,
+  type VerdictRecord,
+} from '@periscope/contracts';
+import {
+  compilePolicy,
+  parsePolicyText,
+  policyFromProto,
+  type CompiledPolicy,
+  type Policy,
+  type Verdict,
+} from '@periscope/verdicts';
+import type { VmConnection, EventDecision } from '../vm-connection.js';
+import { actionToProto, crMsrValues, eventFromFrame, kindOfEventId, EVENT_KEY_BY_ID } from './convert.js';
+import { AgentLinkClient, type BackoffOptions, type LinkTls } from './client.js';
+import { CommandExecutor } from './command-executor.js';
+import { HeldEventRegistry, type HeldEntry, type Resolution } from './held-events.js';
+import { ReportQueue, type LinkVm, type PolicyRef } from './outbound-queue.js';
+import { PauseStore } from './pause-store.js';
+import { DetectionSpool } from './spool.js';
+
+export const AGENT_VERSION = '0.1.0';
+
+export interface LinkConfig {
+  /** `host:port` of analysis. */
+  address: string;
+  tls?: LinkTls;
+  /** Enabled `--allow-command` keys. */
+  allowCommands?: readonly string[];
+  /** Report queue capacity in records (default 65536). */
+  reportQueueSize?: number;
+  /** Records per batch message (default 512). */
+  batchMax?: number;
+  /** Detection spool bound in bytes (default 64 MiB). */
+  spoolMaxBytes?: number;
+  backoff?: Partial<BackoffOptions>;
+  keepaliveMs?: number;
+  /** Events held for central at once when the policy does not say (default 1024). */
+  maxHeldEvents?: number;
+}
+
+export interface LinkRuntimeOptions {
+  hostId: string;
+  config: LinkConfig;
+  /** Persistent state: `spool/` (detections) and `paused.json`. Undefined = in memory only. */
+  stateDir: string | undefined;
+  policies: PolicyHolder;
+  vm(uuid: string): VmConnection | undefined;
+  vms(): Iterable<VmConnection>;
+  log: (level: 'info' | 'warn' | 'error', msg: string, fields?: Record<string, unknown>) => void;
+}
+
+/** The active compiled policy; swapped atomically by installs. */
+export class PolicyHolder {
+  current: CompiledPolicy;
+  private readonly refs = new WeakMap<CompiledPolicy, PolicyRef>();
+  /** Called after a swap (interception may have grown). */
+  onSwap: ((compiled: CompiledPolicy) => void) | undefined;
+
+  constructor(policy: Policy | CompiledPolicy) {
+    this.current = 'ruleIds' in policy ? policy : compilePolicy(policy);
+  }
+
+  ref(c: CompiledPolicy = this.current): PolicyRef {
+    let r = this.refs.get(c);
+    if (!r) this.refs.set(c, (r = { id: c.policy.id, version: BigInt(c.policy.version), ruleIds: c.ruleIds, exceptionIds: c.exceptionIds }));
+    return r;
+  }
+
+  /** Validate, compile and (if newer) activate an installed LocalPolicy. Never throws. */
+  install(lp: LocalPolicy): PolicyStatus {
+    const active = this.current.policy;
+    const status = (state: PolicyInstallState, error = ''): PolicyStatus => ({
+      policyId: lp.policyId,
+      version: lp.version,
+      state,
+      error,
+      activeVersion: BigInt(this.current.policy.version),
+    });
+    let compiled: CompiledPolicy;
+    try {
+      let policy: Policy;
+      if (lp.verdictsDocument !== '') {
+        policy = parsePolicyText(lp.verdictsDocument, 'LocalPolicy.verdicts_document');
+        if (policy.id !== lp.policyId || BigInt(policy.version) !== lp.version) {
+          return status(PolicyInstallState.POLICY_INSTALL_STATE_REJECTED, `verdicts_document is ${policy.id} v${policy.version}, the install says ${lp.policyId} v${lp.version}`);
+        }
+      } else policy = policyFromProto(lp);
+      if (policy.id === active.id && BigInt(policy.version) <= BigInt(active.version)) {
+        return status(PolicyInstallState.POLICY_INSTALL_STATE_STALE, `version ${lp.version} is not newer than the active ${active.version}`);
+      }
+      compiled = compilePolicy(policy);
+    } catch (e) {
+      const issues = (e as { issues?: { path: string; ruleId?: string | null; message: string }[] }).issues;
+      return status(PolicyInstallState.POLICY_INSTALL_STATE_REJECTED, issues ? issues.map((i) => `${i.path}${i.ruleId ? ` (rule ${i.ruleId})` : ''}: ${i.message}`).join('; ') : (e as Error).message);
+    }
+    this.current = compiled;
+    this.onSwap?.(compiled);
+    return status(PolicyInstallState.POLICY_INSTALL_STATE_ACTIVE);
+  }
+}
+
+/** Per-vCPU report context: filled before the reply, consumed after it. Reused (no allocation). */
+class ReportCtx {
+  active = false;
+  seq = 0;
+  eventId = 0;
+  ruleIndex = -1;
+  exceptionIndex = -1;
+  policy: PolicyRef | undefined;
+  report = false;
+  withEvent = false;
+  severity = 0;
+  tier = VerdictTier.VERDICT_TIER_LOCAL;
+  reason = DefaultReason.DEFAULT_REASON_UNSPECIFIED;
+  receivedMs = 0;
+  frame: Buffer | null = null;
+  ruleId = '';
+}
+
+interface VmLinkState {
+  readonly link: LinkVm;
+  readonly ctx: ReportCtx[];
+}
+
+const SEVERITY_PROTO = [Severity.SEVERITY_UNSPECIFIED, Severity.SEVERITY_INFO, Severity.SEVERITY_LOW, Severity.SEVERITY_MEDIUM, Severity.SEVERITY_HIGH, Severity.SEVERITY_CRITICAL];
+const NS_PER_MS = 1e6;
+const nowMs = (): number => performance.timeOrigin + performance.now();
+const msToNs = (ms: number): bigint => BigInt(Math.floor(ms * NS_PER_MS));
+
+function commandKinds(keys: readonly string[]): KvmiCommandKind[] {
+  return keys
+    .map((k) => KvmiCommandKind[`KVMI_COMMAND_KIND_${k === 'GET_MAP_TOKEN' ? 'VM_GET_MAP_TOKEN' : k}` as keyof typeof KvmiCommandKind])
+    .filter((k): k is KvmiCommandKind => k !== undefined);
+}
+
+export class LinkRuntime {
+  readonly client: AgentLinkClient;
+  readonly queue: ReportQueue;
+  readonly held: HeldEventRegistry;
+  readonly spool: DetectionSpool;
+  readonly pauses: PauseStore;
+  readonly commands: CommandExecutor;
+  readonly instanceId = randomUUID();
+  private readonly startedUnixNs = BigInt(Date.now()) * 1_000_000n;
+  private readonly states = new WeakMap<VmConnection, VmLinkState>();
+  private readonly allow: ReadonlySet<string>;
+  private streamNo = 0;
+  private readonly pendingDetections: { vm: VmConnection; link: LinkVm; vcpu: number; ctx: ReportCtx; action: number; newVal: bigint | undefined; latencyNs: number; repliedMs: number }[] = [];
+  private detectionsScheduled = false;
+  readonly stats = { verdictsLocal: 0, verdictsCentral: 0, verdictsDefault: 0, detections: 0, policyInstalls: 0, pauseControls: 0 };
+
+  constructor(private readonly opts: LinkRuntimeOptions) {
+    const cfg = opts.config;
+    this.allow = new Set(cfg.allowCommands ?? []);
+    this.queue = new ReportQueue({ capacity: cfg.reportQueueSize ?? 65536, maxBatch: cfg.batchMax ?? 512, hostId: opts.hostId });
+    this.spool = new DetectionSpool(opts.stateDir ? join(opts.stateDir, 'spool') : undefined, cfg.spoolMaxBytes ?? 64 * 1024 * 1024, opts.log);
+    this.pauses = new PauseStore(opts.stateDir);
+    this.commands = new CommandExecutor({ allow: this.allow, vm: opts.vm });
+    this.held = new HeldEventRegistry({
+      allowCrash: this.allow.has('crash'),
+      log: opts.log,
+      onResolve: (e, how) => this.onHeldResolved(e, how),
+    });
+    this.client = new AgentLinkClient({
+      address: cfg.address,
+      ...(cfg.tls ? { tls: cfg.tls } : {}),
+      ...(cfg.backoff ? { backoff: cfg.backoff } : {}),
+      ...(cfg.keepaliveMs !== undefined ? { keepaliveMs: cfg.keepaliveMs } : {}),
+      log: opts.log,
+      hello: () => this.hello(),
+      onUp: () => this.onUp(),
+      onDown: () => this.onDown(),
+      onDrain: () => {
+        this.sendSpool();
+        this.queue.flush();
+      },
+      onResponse: (r) => this.onResponse(r),
+    });
+    this.queue.attach(this.client);
+  }
+
+  start(): void {
+    this.client.start();
+  }
+
+  stop(): void {
+    this.held.releaseAll(DefaultReason.DEFAULT_REASON_CENTRAL_UNAVAILABLE);
+    this.client.stop();
+  }
+
+  // ---- the vCPU path -------------------------------------------------------------------------------
+
+  private stateOf(vm: VmConnection): VmLinkState {
+    let s = this.states.get(vm);
+    if (!s) {
+      const uuidBytes = Buffer.from(vm.uuid.replace(/-/g, ''), 'hex');
+      s = { link: { uuid: vm.uuid, uuidBytes, generation: vm.info?.sessionGeneration ?? 0 }, ctx: [] };
+      this.states.set(vm, s);
+    }
+    return s;
+  }
+
+  /**
+   * Inside the decider, before the reply. Returns a decision to use instead of the verdict's own
+   * (a hold for ask-central), or undefined.
+   */
+  onVerdict(vm: VmConnection, view: VcpuEventView, v: Verdict, compiled: CompiledPolicy): EventDecision | undefined {
+    const st = this.stateOf(vm);
+    let ctx = st.ctx[view.vcpu];
+    if (!ctx) st.ctx[view.vcpu] = ctx = new ReportCtx();
+    ctx.active = true;
+    ctx.seq = view.seq;
+    ctx.eventId = view.eventId;
+    ctx.ruleIndex = v.ruleIndex;
+    ctx.exceptionIndex = v.exceptionIndex;
+    ctx.policy = this.opts.policies.ref(compiled);
+    ctx.report = v.report;
+    ctx.withEvent = v.reportEvent;
+    ctx.severity = v.severity;
+    ctx.ruleId = v.ruleId ?? '';
+    const matched = v.ruleIndex >= 0 || v.exceptionIndex >= 0;
+    ctx.tier = matched ? VerdictTier.VERDICT_TIER_LOCAL : VerdictTier.VERDICT_TIER_DEFAULT;
+    ctx.reason = matched ? DefaultReason.DEFAULT_REASON_UNSPECIFIED : DefaultReason.DEFAULT_REASON_NO_RULE;
+    ctx.receivedMs = nowMs();
+    ctx.frame = v.reportEvent || v.severity > 0 || v.askCentral ? Buffer.from(view.frame) : null;
+    if (!v.askCentral) return undefined;
+    ctx.report = true; // held events always leave a verdict record
+    ctx.tier = VerdictTier.VERDICT_TIER_DEFAULT;
+    const plain = v.kind !== 'skip' && v.kind !== 'inject';
+    const max = compiled.policy.maxHeldEvents ?? this.opts.config.maxHeldEvents ?? 1024;
+    if (!this.client.up || !plain) {
+      ctx.reason = DefaultReason.DEFAULT_REASON_CENTRAL_UNAVAILABLE;
+      this.held.stats.unavailable++;
+      return undefined;
+    }
+    if (this.held.size >= max) {
+      ctx.reason = DefaultReason.DEFAULT_REASON_HOLD_LIMIT;
+      this.held.stats.holdLimit++;
+      return undefined;
+    }
+    const frame = ctx.frame!;
+    const newVal = v.hasNewVal ? (v.newVal ?? undefined) : undefined;
+    this.held.hold({
+      vm,
+      vcpu: view.vcpu,
+      seq: view.seq,
+      eventId: view.eventId,
+      defaultAction: v.action,
+      defaultNewVal: newVal,
+      values: view.eventId === events.CR.id || view.eventId === events.MSR.id ? crMsrValues(frame) : undefined,
+      deadlineMs: v.deadlineMs,
+    });
+    // Sent at once, never batched: the vCPU is waiting.
+    const ev = eventFromFrame(frame, {
+      hostId: this.opts.hostId,
+      vmUuid: st.link.uuidBytes,
+      sessionGeneration: BigInt(st.link.generation),
+      receivedUnixNs: msToNs(ctx.receivedMs),
+      repliedUnixNs: 0n,
+      disposition: EventDisposition.EVENT_DISPOSITION_HELD,
+      verdictDeadlineUnixNs: msToNs(ctx.receivedMs + v.deadlineMs),
+      ruleId: ctx.ruleId,
+      policyVersion: ctx.policy.version,
+    });
+    this.client.send({ $case: 'eventBatch', value: { events: [ev] } });
+    return { kind: 'hold', ...(v.ruleId ? { ruleId: v.ruleId } : {}) };
+  }
+
+  private onHeldResolved(e: HeldEntry, how: Resolution): void {
+    const ctx = this.states.get(e.vm)?.ctx[e.vcpu];
+    if (!ctx || !ctx.active || ctx.seq !== e.seq) return;
+    ctx.tier = how.tier;
+    ctx.reason = how.reason;
+  }
+
+  /** After a reply was written (the vCPU runs again). */
+  onReplied(vm: VmConnection, vcpu: number, seq: number, _eventId: number, action: number, newVal: bigint | undefined, ns: bigint): void {
+    const st = this.states.get(vm);
+    const ctx = st?.ctx[vcpu];
+    if (!st || !ctx || !ctx.active || ctx.seq !== seq) return;
+    ctx.active = false;
+    if (ctx.tier === VerdictTier.VERDICT_TIER_LOCAL) this.stats.verdictsLocal++;
+    else if (ctx.tier === VerdictTier.VERDICT_TIER_CENTRAL) this.stats.verdictsCentral++;
+    else this.stats.verdictsDefault++;
+    const latencyNs = Number(ns);
+    if (ctx.report) {
+      let lo = 0;
+      let hi = 0;
+      if (newVal !== undefined) {
+        lo = Number(newVal & 0xffffffffn);
+        hi = Number(newVal >> 32n);
+      }
+      this.queue.push(st.link, vcpu, seq, ctx.eventId, ctx.tier, ctx.reason, action, newVal !== undefined, lo, hi, ctx.ruleIndex, ctx.exceptionIndex, ctx.policy!, latencyNs, ctx.receivedMs, ctx.withEvent ? ctx.frame : null);
+    }
+    if (ctx.severity > 0 && ctx.frame) {
+      const snap = Object.assign(new ReportCtx(), ctx);
+      this.pendingDetections.push({ vm, link: st.link, vcpu, ctx: snap, action, newVal, latencyNs, repliedMs: nowMs() });
+      if (!this.detectionsScheduled) {
+        this.detectionsScheduled = true;
+        setImmediate(() => this.raiseDetections());
+      }
+    }
+    ctx.frame = null;
+  }
+
+  // ---- detections ----------------------------------------------------------------------------------
+
+  private raiseDetections(): void {
+    this.detectionsScheduled = false;
+    const list = this.pendingDetections.splice(0);
+    for (const p of list) {
+      const c = p.ctx;
+      const pol = c.policy!;
+      const key = EVENT_KEY_BY_ID.get(c.eventId) ?? String(c.eventId);
+      const event = eventFromFrame(c.frame!, {
+        hostId: this.opts.hostId,
+        vmUuid: p.link.uuidBytes,
+        sessionGeneration: BigInt(p.link.generation),
+        receivedUnixNs: msToNs(c.receivedMs),
+        repliedUnixNs: msToNs(p.repliedMs),
+        disposition: EventDisposition.EVENT_DISPOSITION_ANSWERED,
+        verdictDeadlineUnixNs: 0n,
+        ruleId: c.ruleId,
+        policyVersion: pol.version,
+      });
+      const verdict: VerdictRecord = {
+        vmUuid: p.link.uuidBytes,
+        sessionGeneration: BigInt(p.link.generation),
+        vcpu: p.vcpu,
+        seq: c.seq,
+        kind: kindOfEventId(c.eventId),
+        tier: c.tier,
+        defaultReason: c.reason,
+        action: actionToProto(p.action),
+        replyValue: p.newVal,
+        ruleId: c.ruleId,
+        exceptionId: c.exceptionIndex >= 0 ? (pol.exceptionIds[c.exceptionIndex] ?? '') : '',
+        policyVersion: pol.version,
+        latencyNs: BigInt(p.latencyNs),
+        repliedUnixNs: msToNs(p.repliedMs),
+      };
+      const attributes: Record<string, string> = { kind: key, action: ['CONTINUE', 'RETRY', 'CRASH'][p.action] ?? String(p.action) };
+      const pl = event.payload;
+      if (pl?.$case === 'cr') Object.assign(attributes, { cr: String(pl.value.cr), old: hex(pl.value.oldValue), new: hex(pl.value.newValue) });
+      else if (pl?.$case === 'msr') Object.assign(attributes, { msr: hex(BigInt(pl.value.msr)), old: hex(pl.value.oldValue), new: hex(pl.value.newValue) });
+      else if (pl?.$case === 'pf') Object.assign(attributes, { gva: hex(pl.value.gva), gpa: hex(pl.value.gpa), access: String(pl.value.access) });
+      if (p.newVal !== undefined) attributes['reply_value'] = hex(p.newVal);
+      const d: Detection = {
+        detectionId: randomUUID(),
+        hostId: this.opts.hostId,
+        vmUuid: p.link.uuidBytes,
+        sessionGeneration: BigInt(p.link.generation),
+        vcpu: p.vcpu,
+        ruleId: c.ruleId,
+        severity: SEVERITY_PROTO[c.severity] ?? Severity.SEVERITY_UNSPECIFIED,
+        summary: `${c.ruleId}: ${key} on VM ${p.vm.info?.name || p.link.uuid} vCPU ${p.vcpu}, answered ${attributes['action']}`,
+        eventSeqs: [c.seq],
+        detectedUnixNs: msToNs(p.repliedMs),
+        attributes,
+        event,
+        verdict,
+        instructionBytes: Buffer.alloc(0),
+        instructionText: '',
+        policyId: pol.id,
+        policyVersion: pol.version,
+      };
+      this.stats.detections++;
+      if (!this.spool.add(d)) {
+        this.opts.log('warn', 'detection spool full: detection dropped', { rule: c.ruleId, spoolBytes: this.spool.bytes });
+        continue;
+      }
+    }
+    this.sendSpool();
+  }
+
+  /** Send spooled detections not yet sent on this stream. */
+  private sendSpool(): void {
+    if (!this.client.up) return;
+    for (const e of this.spool.unsent(this.streamNo)) {
+      if (!this.client.writable) return;
+      e.sentOnStream = this.streamNo;
+      const seq = this.client.seq();
+      // LinkRequest { stream_seq = 1; detection = 16 } around the spooled bytes.
+      const head = Buffer.alloc(24);
+      let o = 0;
+      o = putVarint(head, o, 0x08);
+      o = putVarint(head, o, seq);
+      o = putVarint(head, o, (16 << 3) | 2);
+      o = putVarint(head, o, e.bytes.length);
+      this.client.write(Buffer.concat([head.subarray(0, o), e.bytes]));
+      if (this.spool.stats.spooled + this.spool.stats.loaded > 0 && this.streamNo > 1) this.spool.stats.resent++;
+    }
+  }
+
+  // ---- stream lifecycle ----------------------------------------------------------------------------
+
+  private hello(): LinkRequest['message'] {
+    const c = this.opts.policies.current.policy;
+    return {
+      $case: 'hello',
+      value: {
+        hostId: this.opts.hostId,
+        agentVersion: AGENT_VERSION,
+        agentInstanceId: this.instanceId,
+        startedUnixNs: this.startedUnixNs,
+        capabilities: [
+          AgentCapability.AGENT_CAPABILITY_KVMI_V12,
+          AgentCapability.AGENT_CAPABILITY_LOCAL_POLICY,
+          AgentCapability.AGENT_CAPABILITY_ASK_CENTRAL,
+          AgentCapability.AGENT_CAPABILITY_RESEND,
+        ],
+        activePolicyId: c.id,
+        activePolicyVersion: BigInt(c.version),
+      },
+    };
+  }
+
+  private onUp(): void {
+    this.streamNo++;
+    for (const vm of this.opts.vms()) if (vm.info) this.sendAttached(vm);
+    this.sendSpool();
+    this.queue.flush();
+  }
+
+  private onDown(): void {
+    this.held.releaseAll(DefaultReason.DEFAULT_REASON_CENTRAL_UNAVAILABLE);
+  }
+
+  /** A VM attached (or re-attached): report it, re-apply a persisted pause. */
+  vmAttached(vm: VmConnection): void {
+    const st = this.stateOf(vm);
+    (st.link as { generation: number }).generation = vm.info?.sessionGeneration ?? 0;
+    vm.onReplied = (vcpu, seq, eventId, action, newVal, ns) => this.onReplied(vm, vcpu, seq, eventId, action, newVal, ns);
+    if (this.client.up) this.sendAttached(vm);
+    if (this.pauses.isPaused(vm.uuid)) {
+      this.opts.log('info', 'VM re-attached while paused by analysis: pausing it again', { vm: vm.uuid });
+      vm.pause().catch((e: unknown) => this.opts.log('warn', `re-applying the pause failed: ${(e as Error).message}`, { vm: vm.uuid }));
+    }
+  }
+
+  vmDetached(vm: VmConnection, reason: string): void {
+    const released = vm.heldCount;
+    this.held.dropVm(vm);
+    if (!vm.info || !this.client.up) return;
+    const r = reason.includes('unhook') || reason === 'detached'
+      ? DetachReason.DETACH_REASON_UNHOOK
+      : reason.includes('shutting down')
+        ? DetachReason.DETACH_REASON_AGENT_SHUTDOWN
+        : DetachReason.DETACH_REASON_SOCKET_CLOSED;
+    this.client.send({
+      $case: 'vmDetached',
+      value: {
+        hostId: this.opts.hostId,
+        vmUuid: this.stateOf(vm).link.uuidBytes,
+        sessionGeneration: BigInt(vm.info.sessionGeneration),
+        reason: r,
+        detail: reason,
+        detachedUnixNs: BigInt(Date.now()) * 1_000_000n,
+        heldEventsReleased: released,
+      },
+    });
+  }
+
+  private sendAttached(vm: VmConnection): void {
+    const i = vm.info!;
+    this.client.send({
+      $case: 'vmAttached',
+      value: {
+        hostId: this.opts.hostId,
+        vmUuid: this.stateOf(vm).link.uuidBytes,
+        sessionGeneration: BigInt(i.sessionGeneration),
+        name: i.name,
+        qemuStartTimeMs: BigInt(i.startTimeMs),
+        vcpuCount: i.vcpuCount,
+        maxGfn: i.gfnLimit.value !== null ? i.gfnLimit.value - 1n : undefined,
+        dialect: KvmiDialect.KVMI_DIALECT_V12,
+        kvmiVersion: { version: i.version, maxMsgSize: i.maxMsgSize, features: { singlestep: i.singlestep } },
+        allowedCommands: commandKinds(i.allowedCommands),
+        allowedEvents: i.allowedEvents
+          .map((k) => KvmiEventKind[`KVMI_EVENT_KIND_${k}` as keyof typeof KvmiEventKind])
+          .filter((k): k is KvmiEventKind => k !== undefined),
+        attachedUnixNs: BigInt(Date.now()) * 1_000_000n,
+      },
+    });
+  }
+
+  // ---- analysis → agent ----------------------------------------------------------------------------
+
+  private onResponse(r: LinkResponse): void {
+    const m = r.message;
+    if (!m) return;
+    switch (m.$case) {
+      case 'verdict':
+        this.held.verdict(m.value);
+        return;
+      case 'command': {
+        const cmd = m.value;
+        let uuid = '';
+        try {
+          uuid = uuidFromBytes(cmd.vmUuid);
+        } catch {
+          /* answered as not attached */
+        }
+        this.commands
+          .execute(cmd, uuid)
+          .then((result) => this.client.send({ $case: 'commandResult', value: result }))
+          .catch((e: unknown) => this.opts.log('error', `command failed: ${(e as Error).message}`));
+        return;
+      }
+      case 'installPolicy': {
+        this.stats.policyInstalls++;
+        const s = this.opts.policies.install(m.value);
+        this.opts.log(s.state === PolicyInstallState.POLICY_INSTALL_STATE_ACTIVE ? 'info' : 'warn', `policy install ${m.value.policyId} v${m.value.version}: ${PolicyInstallState[s.state]}`, s.error ? { error: s.error } : {});
+        this.client.send({ $case: 'policyStatus', value: s });
+        return;
+      }
+      case 'detectionAck':
+        this.spool.ack(m.value.detectionIds);
+        return;
+      case 'pauseControl':
+        void this.pauseControl(m.value);
+        return;
+      case 'keepalive':
+        return;
+    }
+  }
+
+  private async pauseControl(p: NonNullable<Extract<LinkResponse['message'], { $case: 'pauseControl' }>>['value']): Promise<void> {
+    this.stats.pauseControls++;
+    const t0 = process.hrtime.bigint();
+    let uuid: string;
+    try {
+      uuid = uuidFromBytes(p.vmUuid);
+    } catch {
+      this.client.send({ $case: 'commandResult', value: result(CommandStatus.COMMAND_STATUS_INVALID_ARGUMENT, 'vm_uuid is not 16 bytes') });
+      return;
+    }
+    this.pauses.set(uuid, p.paused);
+    const vm = this.opts.vm(uuid);
+    this.opts.log('info', `analysis ${p.paused ? 'paused' : 'resumed'} VM`, { vm: uuid, by: p.requestedBy });
+    function result(status: CommandStatus, message = '', generation = 0n): NonNullable<Extract<LinkRequest['message'], { $case: 'commandResult' }>>['value'] {
+      return { correlationId: p.correlationId, vmUuid: p.vmUuid, sessionGeneration: generation, vcpu: 0, status, kvmError: 0, message, latencyNs: process.hrtime.bigint() - t0, result: undefined };
+    }
+    if (!vm || !vm.info) {
+      this.client.send({ $case: 'commandResult', value: result(CommandStatus.COMMAND_STATUS_VM_NOT_ATTACHED, 'not attached: the state is persisted and applied at attach') });
+      return;
+    }
+    const gen = BigInt(vm.info.sessionGeneration);
+    try {
+      if (p.paused) await vm.pause();
+      else vm.resume();
+      this.client.send({ $case: 'commandResult', value: result(CommandStatus.COMMAND_STATUS_OK, '', gen) });
+    } catch (e) {
+      const errno = (e as { errno?: number }).errno;
+      this.client.send({
+        $case: 'commandResult',
+        value: { ...result(errno !== undefined ? CommandStatus.COMMAND_STATUS_KVM_ERROR : CommandStatus.COMMAND_STATUS_INTERNAL, (e as Error).message, gen), kvmError: errno ?? 0 },
+      });
+    }
+  }
+}
+
+function hex(v: bigint): string {
+  return `0x${v.toString(16)}`;
+}
+
+function putVarint(b: Buffer, o: number, v: number): number {
+  while (v >= 0x80) {
+    b[o++] = (v % 128) | 0x80;
+    v = Math.floor(v / 128);
+  }
+  b[o++] = v;
+  return o;
+}
+
