@@ -1,2 +1,24 @@
 // The central analysis service: agent link server, inventory, policies, protection modules, alerts, exceptions, storage on PGlite or PostgreSQL
-export {};
+export { Analysis, type AnalysisOptions, type AlertNotice, type Log, type LogLevel, type TlsMaterial } from './service.js';
+export { AnalysisError, isAnalysisError, type AnalysisErrorCode, type PolicyIssue } from './errors.js';
+export { openDb, parseDbUrl, redact, type Db, type Queryable, type SqlParam } from './db.js';
+export { migrate, MIGRATIONS } from './schema.js';
+export { Store, STORM_WINDOW_NS, SEVERITY_NAMES, type AlertRecord, type AlertFilter, type HostRecord, type VmRecord, type StoredPolicy, type StoredException, type SeverityName } from './store.js';
+export {
+  parsePolicyDocument,
+  validatePolicy,
+  choosePolicy,
+  selects,
+  POLICY_FORMAT,
+  MODULE_NAMES,
+  type PolicySpec,
+  type ModuleName,
+  type VmSelector,
+} from './policy.js';
+export { buildHostPolicy, parseRuleId, protectedRanges, LOCAL_POLICY_ID, type ExceptionSpec, type HostPolicy, type VmView } from './modules.js';
+export { ProfileRegistry, sectionGpaRange, symbolRipRange, pagesOf, type KernelFacts } from './profiles.js';
+export { TECHNIQUES, techniqueOf, renderTechniqueTable, type Technique } from './techniques.js';
+export { MAX_PAGE_ACCESS_BATCH, PROTECTED_ACCESS } from './kci.js';
+export { HealthService, ServingStatus } from './health.js';
+export { alertJson } from './sinks.js';
+export type { WebhookOptions } from './sinks.js';

@@ -1,0 +1,603 @@
+/**
+ * The analysis service, composed: storage (PGlite or PostgreSQL), the agent link server, policies and
+ * protection modules, alerts and their sinks, exceptions, the HTTP API and the gRPC services.
+ * `apps/analysis` only parses configuration and calls `Analysis.start()` / `stop()`.
+ */
+import { EventEmitter } from 'node:events';
+import { randomUUID } from 'node:crypto';
+import { readdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { hostname } from 'node:os';
+import { Decision, EventAction, LocalPolicy, uuidFromBytes, VerdictTier, EventDisposition, type Detection, type LinkRequest } from '@periscope/contracts';
+import { openDb, type Db } from './db.js';
+import { AnalysisError } from './errors.js';
+import { draftFromDetection, hex } from './evidence.js';
+import { deriveFacts, restrictPages } from './kci.js';
+import { AgentSession, enumName, recentEventOf, type LinkHandler, type LiveVm } from './link.js';
+import { Registry } from './metrics.js';
+import { buildHostPolicy, LOCAL_POLICY_ID, parseRuleId, type ExceptionSpec, type HostPolicy } from './modules.js';
+import { choosePolicy, parsePolicyDocument, type ModuleName, type PolicySpec } from './policy.js';
+import { ProfileRegistry, type KernelFacts } from './profiles.js';
+import { migrate, nowNs } from './schema.js';
+import { AlertSinks, type WebhookOptions } from './sinks.js';
+import { Store, type AlertRecord, type StoredPolicy } from './store.js';
+import { startServers, type Servers } from './servers.js';
+
+export type LogLevel = 'debug' | 'info' | 'warn' | 'error';
+export type Log = (level: LogLevel, msg: string, fields?: Record<string, unknown>) => void;
+
+export interface TlsMaterial {
+  readonly ca: Buffer;
+  readonly cert: Buffer;
+  readonly key: Buffer;
+}
+
+export interface AnalysisOptions {
+  /** `pglite:DIR`, `pglite:memory` or `postgres://…`. */
+  readonly db: string;
+  /** gRPC (AgentLink, health, operator): `HOST:PORT`; port 0 = ephemeral. Default 127.0.0.1:7400. */
+  readonly grpcListen?: string;
+  /** HTTP API and /metrics: `HOST:PORT`; absent = no HTTP server. */
+  readonly httpListen?: string;
+  /** Import every `*.yaml`/`*.yml`/`*.json` policy in this directory at start (idempotent). */
+  readonly policyDir?: string;
+  /** Extra guest OS profiles (`*.json`); `linux-sim` is built in. */
+  readonly profileDir?: string;
+  /** Bearer token for the HTTP API and operator RPCs (required in fleet mode). */
+  readonly apiToken?: string;
+  /** Fleet mode: TLS on gRPC (client certificates required) and HTTPS. */
+  readonly tls?: TlsMaterial;
+  readonly replicaId?: string;
+  readonly webhook?: WebhookOptions;
+  /** Append every new or updated alert as a JSON line to this file (`-` = stdout). */
+  readonly alertsJsonl?: string;
+  readonly log?: Log;
+  readonly keepaliveMs?: number;
+  readonly flushMs?: number;
+  readonly commandTimeoutMs?: number;
+  readonly ringSize?: number;
+}
+
+export interface AlertNotice {
+  readonly alert: AlertRecord;
+  readonly outcome: 'created' | 'folded';
+}
+
+interface Pending {
+  events: Map<string, { vm: string; kind: string; count: number; lastNs: bigint }>;
+  vcpus: Map<string, { vm: string; vcpu: number; count: number; lastNs: bigint }>;
+  verdicts: Map<string, { vm: string; ruleId: string; exceptionId: string; tier: string; action: string; count: number; lastNs: bigint }>;
+  vmsSeen: Map<string, bigint>;
+}
+
+const emptyPending = (): Pending => ({ events: new Map(), vcpus: new Map(), verdicts: new Map(), vmsSeen: new Map() });
+
+export class Analysis implements LinkHandler {
+  readonly replicaId: string;
+  readonly ringSize: number;
+  readonly commandTimeoutMs: number;
+  readonly profiles = new ProfileRegistry();
+  readonly registry = new Registry();
+  readonly store: Store;
+  readonly sessions = new Map<string, AgentSession>();
+  readonly liveVms = new Map<string, LiveVm>();
+  private readonly bus = new EventEmitter();
+  private policies: StoredPolicy[] = [];
+  private exceptions: ExceptionSpec[] = [];
+  private pending = emptyPending();
+  private flushTimer: NodeJS.Timeout | undefined;
+  private flushing: Promise<void> = Promise.resolve();
+  private readonly jobs = new Set<Promise<void>>();
+  private readonly pushChains = new Map<AgentSession, Promise<void>>();
+  private readonly pushTimers = new Map<AgentSession, NodeJS.Timeout>();
+  private servers: Servers | undefined;
+  private sinks: AlertSinks | undefined;
+  private readonly logFn: Log;
+  private readonly m;
+
+  private constructor(readonly db: Db, readonly opts: AnalysisOptions) {
+    this.store = new Store(db);
+    this.replicaId = opts.replicaId ?? `${hostname()}-${process.pid}`;
+    this.ringSize = opts.ringSize ?? 256;
+    this.commandTimeoutMs = opts.commandTimeoutMs ?? 5000;
+    this.logFn = opts.log ?? (() => undefined);
+    const r = this.registry;
+    this.m = {
+      messages: r.counter('periscope_analysis_link_messages_total', 'agent link messages received, by kind'),
+      events: r.counter('periscope_analysis_events_total', 'KVMI events ingested, by kind'),
+      detections: r.counter('periscope_analysis_detections_total', 'agent detections, by outcome (created, folded, duplicate)'),
+      alerts: r.counter('periscope_analysis_alerts_total', 'alerts created, by severity'),
+      commands: r.counter('periscope_analysis_commands_total', 'KVMI commands sent, by kind and status'),
+      policies: r.counter('periscope_analysis_policy_installs_total', 'local policies sent to agents'),
+      held: r.counter('periscope_analysis_central_verdicts_total', 'held events answered by analysis'),
+      flushes: r.counter('periscope_analysis_counter_flushes_total', 'counter flushes to the database'),
+    };
+    r.gauge('periscope_analysis_agents_connected', 'agent links up on this replica').track(() => this.sessions.size);
+    r.gauge('periscope_analysis_vms_attached', 'VMs attached through this replica').track(() => this.liveVms.size);
+  }
+
+  static async start(opts: AnalysisOptions): Promise<Analysis> {
+    const db = await openDb(opts.db);
+    let a: Analysis | undefined;
+    try {
+      const applied = await migrate(db);
+      a = new Analysis(db, opts);
+      if (applied.length) a.log('info', 'database migrated', { applied, driver: db.driver });
+      if (opts.profileDir) a.profiles.addDir(opts.profileDir);
+      if (opts.policyDir) await a.importPolicyDir(opts.policyDir);
+      await a.reloadCaches();
+      a.sinks = new AlertSinks({ ...(opts.webhook ? { webhook: opts.webhook } : {}), ...(opts.alertsJsonl ? { jsonl: opts.alertsJsonl } : {}), log: a.logFn });
+      a.flushTimer = setInterval(() => void a!.flush(), opts.flushMs ?? 1000);
+      a.flushTimer.unref();
+      a.servers = await startServers(a, {
+        grpcListen: opts.grpcListen ?? '127.0.0.1:7400',
+        ...(opts.httpListen ? { httpListen: opts.httpListen } : {}),
+        ...(opts.tls ? { tls: opts.tls } : {}),
+        ...(opts.apiToken ? { apiToken: opts.apiToken } : {}),
+        keepaliveMs: opts.keepaliveMs ?? 5000,
+      });
+      a.log('info', 'analysis running', { replica: a.replicaId, grpc: a.grpcAddress, http: a.httpAddress, db: db.driver });
+      return a;
+    } catch (e) {
+      if (a?.servers) await a.servers.close();
+      await db.close().catch(() => undefined);
+      throw e;
+    }
+  }
+
+  get grpcPort(): number {
+    return this.servers?.grpcPort ?? 0;
+  }
+  get httpPort(): number {
+    return this.servers?.httpPort ?? 0;
+  }
+  get grpcAddress(): string {
+    return this.servers?.grpcAddress ?? '';
+  }
+  get httpAddress(): string {
+    return this.servers?.httpAddress ?? '';
+  }
+
+  async stop(): Promise<void> {
+    if (this.flushTimer) clearInterval(this.flushTimer);
+    for (const t of this.pushTimers.values()) clearTimeout(t);
+    for (const s of [...this.sessions.values()]) await s.close();
+    await this.servers?.close();
+    await Promise.allSettled([...this.jobs]);
+    await this.flush();
+    await this.sinks?.close();
+    await this.db.close();
+  }
+
+  log(level: LogLevel, msg: string, fields?: Record<string, unknown>): void {
+    this.logFn(level, msg, fields);
+  }
+
+  // ---------------------------------------------------------------- alerts
+  onAlert(fn: (n: AlertNotice) => void): () => void {
+    this.bus.on('alert', fn);
+    return () => this.bus.off('alert', fn);
+  }
+
+  private publish(n: AlertNotice): void {
+    this.bus.emit('alert', n);
+    this.sinks?.publish(n);
+  }
+
+  // ---------------------------------------------------------------- policies
+  async importPolicyDir(dir: string): Promise<{ name: string; version: bigint; changed: boolean }[]> {
+    const files = readdirSync(dir).filter((f) => /\.(ya?ml|json)$/.test(f)).sort();
+    const out = [];
+    for (const f of files) {
+      const r = await this.applyPolicy(readFileSync(join(dir, f), 'utf8'), { source: join(dir, f), createdBy: 'policy-dir', refresh: false });
+      out.push({ name: r.policy.name, version: r.policy.version, changed: r.changed });
+    }
+    return out;
+  }
+
+  /** Validate and store a policy document (YAML/JSON); a new version only when it changed. */
+  async applyPolicy(text: string, o: { source?: string; createdBy?: string; refresh?: boolean } = {}): Promise<{ policy: StoredPolicy; changed: boolean }> {
+    const spec = parsePolicyDocument(text, o.source ?? 'policy');
+    if (!this.profiles.get(spec.profile)) {
+      throw new AnalysisError('bad-policy', `${o.source ?? 'policy'}: profile: unknown guest OS profile ${JSON.stringify(spec.profile)} (known: ${this.profiles.names().join(', ')})`, {
+        issues: [{ path: 'profile', message: `unknown guest OS profile (known: ${this.profiles.names().join(', ')})` }],
+      });
+    }
+    const r = await this.store.putPolicy(spec, text, o.source ?? 'api', o.createdBy ?? 'api');
+    if (r.changed) this.log('info', 'policy stored', { name: spec.name, version: r.policy.version.toString(), source: o.source });
+    if (r.changed && o.refresh !== false) await this.refresh();
+    return r;
+  }
+
+  async deletePolicy(name: string, by = 'api'): Promise<void> {
+    await this.store.deletePolicy(name, by);
+    await this.refresh();
+  }
+
+  /** Policies and exceptions as in effect here (latest versions). */
+  currentPolicies(): readonly StoredPolicy[] {
+    return this.policies;
+  }
+
+  private async reloadCaches(): Promise<void> {
+    this.policies = await this.store.listPolicies();
+    this.exceptions = (await this.store.listExceptions()).map((e) => e.spec);
+  }
+
+  /** Re-read policies/exceptions, re-assign VMs, start module work where needed and push new local policies. */
+  async refresh(): Promise<void> {
+    await this.reloadCaches();
+    for (const s of this.sessions.values()) {
+      for (const vm of s.vms.values()) this.assign(vm);
+      await this.pushPolicy(s);
+    }
+  }
+
+  private specs(): PolicySpec[] {
+    return this.policies.map((p) => p.spec);
+  }
+
+  private assign(vm: LiveVm): void {
+    const spec = choosePolicy(this.specs(), vm);
+    const name = spec?.name ?? '';
+    const changed = name !== vm.policyName;
+    vm.policyName = name;
+    if (changed) void this.store.setVmPolicy(vm.uuid, name).catch((e: unknown) => this.log('warn', 'setVmPolicy failed', { error: (e as Error).message }));
+    const modules: ModuleName[] = [];
+    if (spec?.modules.crPinning) modules.push('cr-pinning');
+    if (spec?.modules.syscallMsrs) modules.push('syscall-msrs');
+    if (spec?.modules.descriptorTables) modules.push('descriptor-tables');
+    const prot: Record<string, string> = {};
+    for (const m of modules) prot[m] = 'local rules';
+    if (spec?.modules.kernelCodeIntegrity) {
+      const cur = vm.protection['kernel-code-integrity'];
+      prot['kernel-code-integrity'] = cur && !changed ? cur : 'pending';
+      if (!cur || changed || cur.startsWith('failed')) this.track(this.protectKernel(vm, spec));
+    }
+    vm.protection = prot;
+    void this.store.setVmProtection(vm.uuid, prot).catch(() => undefined);
+  }
+
+  private track(p: Promise<void>): void {
+    this.jobs.add(p);
+    void p.finally(() => this.jobs.delete(p));
+  }
+
+  private async protectKernel(vm: LiveVm, spec: PolicySpec): Promise<void> {
+    const s = vm.session;
+    const current = () => this.liveVms.get(vm.uuid) === vm && !s.closed;
+    const set = async (status: string) => {
+      vm.protection = { ...vm.protection, 'kernel-code-integrity': status };
+      await this.store.setVmProtection(vm.uuid, vm.protection);
+    };
+    try {
+      const profile = this.profiles.get(spec.profile);
+      if (!profile) throw new AnalysisError('bad-profile', `unknown profile ${spec.profile}`);
+      let facts = vm.facts;
+      if (!facts || facts.qemuStartTimeMs !== vm.startTimeMs || facts.profile !== profile.name) {
+        await set('deriving slide');
+        facts = await deriveFacts(s, vm, profile);
+        vm.facts = facts;
+        await this.store.setVmDerived(vm.uuid, factsJson(facts));
+        this.log('info', 'kernel derived', { vm: vm.name, slide: hex(facts.slide), textPhys: hex(facts.textPhys) });
+      }
+      if (!current()) return;
+      await this.pushPolicy(s); // the PF rules are installed before the first page is restricted
+      const pages = await restrictPages(s, vm, spec, facts, this.profiles);
+      if (current()) await set(`protected (${pages} pages write-protected)`);
+    } catch (e) {
+      this.log('warn', 'kernel code integrity failed', { vm: vm.name, error: (e as Error).message });
+      if (current()) await set(`failed: ${(e as Error).message}`).catch(() => undefined);
+    }
+  }
+
+  /** Build this host's local policy and send it when it differs from the last one sent (serialised per agent). */
+  pushPolicy(s: AgentSession): Promise<void> {
+    const prev = this.pushChains.get(s) ?? Promise.resolve();
+    const next = prev.then(async () => {
+      if (s.closed || !s.hostId) return;
+      const vms = [...s.vms.values()].map((v) => ({ uuid: v.uuid, name: v.name, hostId: v.hostId, labels: v.labels, ...(v.facts ? { facts: v.facts } : {}) }));
+      const draft = this.build(vms, 0n);
+      if (draft.contentKey === s.lastPolicyKey) return;
+      const version = await this.store.nextLocalPolicyVersion();
+      const hp = this.build(vms, version);
+      for (const w of hp.warnings) this.log('warn', 'local policy', { host: s.hostId, warning: w });
+      s.lastPolicyKey = hp.contentKey;
+      s.lastPolicyVersion = version;
+      s.send({ $case: 'installPolicy', value: LocalPolicy.fromPartial({ policyId: LOCAL_POLICY_ID, version, verdictsDocument: hp.document }) });
+      this.m.policies.inc();
+      this.log('debug', 'local policy sent', { host: s.hostId, version: version.toString(), rules: hp.policy.rules.length });
+    });
+    const guarded = next.catch((e: unknown) => this.log('error', 'local policy not sent', { host: s.hostId, error: (e as Error).message }));
+    this.pushChains.set(s, guarded);
+    return guarded;
+  }
+
+  /** The local policy a host with these VMs gets (exported for the CLI / tests). */
+  build(vms: Parameters<typeof buildHostPolicy>[0]['vms'], version: bigint): HostPolicy {
+    const now = nowNs();
+    return buildHostPolicy({ policies: this.specs(), exceptions: this.exceptions.filter((e) => !e.expiresNs || e.expiresNs > now), vms, profiles: this.profiles, version });
+  }
+
+  private schedulePush(s: AgentSession, delayMs = 20): void {
+    const t = this.pushTimers.get(s);
+    if (t) clearTimeout(t);
+    this.pushTimers.set(s, setTimeout(() => {
+      this.pushTimers.delete(s);
+      void this.pushPolicy(s);
+    }, delayMs));
+  }
+
+  // ---------------------------------------------------------------- exceptions
+  async createException(e: Omit<ExceptionSpec, 'id' | 'createdBy' | 'action' | 'expiresNs'> & { id?: string; createdBy?: string; expiresNs?: bigint }): Promise<ExceptionSpec> {
+    if (!this.policies.some((p) => p.name === e.policy)) throw new AnalysisError('not-found', `no policy ${e.policy}`);
+    const spec: ExceptionSpec = { ...e, id: e.id ?? `exc-${randomUUID().slice(0, 8)}`, createdBy: e.createdBy ?? 'api', action: 'allow', expiresNs: e.expiresNs ?? 0n };
+    await this.store.insertException(spec);
+    this.log('info', 'exception created', { id: spec.id, policy: spec.policy, rule: `${spec.module}/${spec.rule}` });
+    await this.refresh();
+    return spec;
+  }
+
+  /** An exception that lets exactly this alert's event through next time (same VM, RIP, victim). */
+  async createExceptionFromAlert(alertId: string, o: { reason?: string; createdBy?: string; expiresNs?: bigint; anyVm?: boolean } = {}): Promise<ExceptionSpec> {
+    const a = await this.store.getAlert(alertId, false);
+    if (!a) throw new AnalysisError('not-found', `no alert ${alertId}`);
+    const p = parseRuleId(a.ruleId);
+    if (!p) throw new AnalysisError('bad-request', `alert ${alertId} was raised by ${a.ruleId}, not by a module rule: no exception can target it`);
+    const at = a.evidence.attempt;
+    const big = (k: string): bigint | undefined => (typeof at[k] === 'string' ? BigInt(at[k] as string) : undefined);
+    const rip = big('rip') ?? (a.evidence.registers['rip'] ? BigInt(a.evidence.registers['rip']) : undefined);
+    const victim: { -readonly [K in keyof ExceptionSpec['victim']]: ExceptionSpec['victim'][K] } = {};
+    switch (at['event']) {
+      case 'PF': {
+        const gpa = big('gpa')!;
+        victim.gpa = { start: gpa, end: gpa + 1n };
+        break;
+      }
+      case 'CR':
+        victim.cr = at['cr'] as number;
+        victim.newValue = big('new')!;
+        break;
+      case 'MSR':
+        victim.msr = Number(big('msr')!);
+        victim.newValue = big('new')!;
+        break;
+      case 'DESCRIPTOR':
+        victim.descriptor = (at['descriptor'] as string) === 'GDTR' ? 'GDTR' : 'IDTR';
+        break;
+      default:
+        throw new AnalysisError('bad-request', `alert ${alertId}: no victim in its evidence`);
+    }
+    return this.createException({
+      policy: p.policy,
+      module: p.module as ModuleName,
+      rule: p.rule,
+      vms: o.anyVm ? [] : [a.vm.uuid],
+      originator: rip !== undefined ? { rip: { start: rip, end: rip + 1n } } : {},
+      victim,
+      reason: o.reason ?? `from alert ${alertId}`,
+      fromAlertId: alertId,
+      ...(o.createdBy ? { createdBy: o.createdBy } : {}),
+      ...(o.expiresNs ? { expiresNs: o.expiresNs } : {}),
+    });
+  }
+
+  async deleteException(id: string): Promise<void> {
+    await this.store.deleteException(id);
+    await this.refresh();
+  }
+
+  async setVmLabels(uuid: string, labels: Record<string, string>): Promise<void> {
+    await this.store.setVmLabels(uuid, labels);
+    const vm = this.liveVms.get(uuid);
+    if (vm) {
+      vm.labels = labels;
+      this.assign(vm);
+      await this.pushPolicy(vm.session);
+    }
+  }
+
+  // ---------------------------------------------------------------- link handlers
+  async onHello(s: AgentSession, h: Extract<LinkRequest['message'], { $case: 'hello' }>['value']): Promise<void> {
+    const old = this.sessions.get(h.hostId);
+    this.sessions.set(h.hostId, s);
+    if (old && old !== s) await old.close();
+    await this.store.upsertHost({
+      hostId: h.hostId, agentVersion: h.agentVersion, agentInstanceId: h.agentInstanceId, capabilities: h.capabilities.map(enumName.capability),
+      policyId: h.activePolicyId, policyVersion: h.activePolicyVersion, replicaId: this.replicaId, nowNs: nowNs(),
+    });
+    this.m.messages.inc({ kind: 'hello' });
+    this.log('info', 'agent connected', { host: h.hostId, agent: h.agentVersion, instance: h.agentInstanceId });
+    this.schedulePush(s);
+  }
+
+  async onVmAttached(s: AgentSession, a: Extract<LinkRequest['message'], { $case: 'vmAttached' }>['value']): Promise<void> {
+    this.m.messages.inc({ kind: 'vm_attached' });
+    const uuid = uuidFromBytes(a.vmUuid);
+    const rec = await this.store.upsertVm({
+      uuid, name: a.name, hostId: s.hostId, sessionGeneration: a.sessionGeneration, qemuStartTimeMs: a.qemuStartTimeMs, vcpuCount: a.vcpuCount,
+      maxGfn: a.maxGfn ?? null, dialect: enumName.dialect(a.dialect),
+      kvmiVersion: a.kvmiVersion ? { version: a.kvmiVersion.version, maxMsgSize: a.kvmiVersion.maxMsgSize, singlestep: a.kvmiVersion.features?.singlestep ?? false } : {},
+      allowedCommands: a.allowedCommands.map(enumName.commandKind), allowedEvents: a.allowedEvents.map(enumName.eventKind),
+      attachedNs: a.attachedUnixNs, nowNs: nowNs(),
+    });
+    const prevFacts = this.liveVms.get(uuid)?.facts ?? factsFrom(rec.derived);
+    const vm: LiveVm = {
+      uuid, name: a.name, hostId: s.hostId, generation: a.sessionGeneration, vcpuCount: a.vcpuCount, startTimeMs: a.qemuStartTimeMs,
+      labels: rec.labels, allowedCommands: rec.allowedCommands, policyName: '', protection: {}, ring: [], session: s,
+      ...(prevFacts && prevFacts.qemuStartTimeMs === a.qemuStartTimeMs ? { facts: prevFacts } : {}),
+    };
+    const old = this.liveVms.get(uuid);
+    if (old && old.session !== s) old.session.vms.delete(uuid);
+    s.vms.set(uuid, vm);
+    this.liveVms.set(uuid, vm);
+    this.assign(vm);
+    this.schedulePush(s);
+  }
+
+  async onVmDetached(s: AgentSession, d: Extract<LinkRequest['message'], { $case: 'vmDetached' }>['value']): Promise<void> {
+    this.m.messages.inc({ kind: 'vm_detached' });
+    const uuid = uuidFromBytes(d.vmUuid);
+    await this.store.detachVm(uuid, d.sessionGeneration, enumName.detach(d.reason), d.detachedUnixNs || nowNs());
+    const vm = s.vms.get(uuid);
+    if (vm && vm.generation === d.sessionGeneration) {
+      s.vms.delete(uuid);
+      if (this.liveVms.get(uuid) === vm) this.liveVms.delete(uuid);
+      this.schedulePush(s);
+    }
+  }
+
+  async onEvents(s: AgentSession, b: Extract<LinkRequest['message'], { $case: 'eventBatch' }>['value']): Promise<void> {
+    this.m.messages.inc({ kind: 'event_batch' });
+    const p = this.pending;
+    for (const e of b.events) {
+      const uuid = uuidFromBytes(e.vmUuid);
+      const kind = e.payload ? e.payload.$case.toUpperCase() : 'UNKNOWN';
+      const now = e.receivedUnixNs || nowNs();
+      const ek = `${uuid}|${kind}`;
+      const ec = p.events.get(ek);
+      if (ec) {
+        ec.count++;
+        if (now > ec.lastNs) ec.lastNs = now;
+      } else p.events.set(ek, { vm: uuid, kind, count: 1, lastNs: now });
+      if (kind !== 'UNHOOK') {
+        const vk = `${uuid}|${e.vcpu}`;
+        const vc = p.vcpus.get(vk);
+        if (vc) {
+          vc.count++;
+          if (now > vc.lastNs) vc.lastNs = now;
+        } else p.vcpus.set(vk, { vm: uuid, vcpu: e.vcpu, count: 1, lastNs: now });
+      }
+      p.vmsSeen.set(uuid, now);
+      this.m.events.inc({ kind });
+      const vm = s.vms.get(uuid);
+      if (vm) {
+        vm.ring.push(recentEventOf(e));
+        if (vm.ring.length > this.ringSize) vm.ring.splice(0, vm.ring.length - this.ringSize);
+      }
+      if (e.disposition === EventDisposition.EVENT_DISPOSITION_HELD) {
+        // Central verdict: no module holds events for central in part 1; a held event is let through
+        // (CONTINUE, keep the guest's value) at once rather than waiting for the agent's deadline.
+        this.m.held.inc();
+        s.send({
+          $case: 'verdict',
+          value: { vmUuid: e.vmUuid, sessionGeneration: e.sessionGeneration, seq: e.seq, decision: Decision.fromPartial({ action: EventAction.EVENT_ACTION_CONTINUE, replyValue: { policy: { $case: 'keepNew', value: {} } } }), ruleId: 'analysis/central-default', detectionId: '' },
+        });
+      }
+    }
+  }
+
+  onVerdicts(_s: AgentSession, b: Extract<LinkRequest['message'], { $case: 'verdictBatch' }>['value']): void {
+    this.m.messages.inc({ kind: 'verdict_batch' });
+    for (const r of b.records) {
+      const uuid = uuidFromBytes(r.vmUuid);
+      const tier = r.tier === VerdictTier.VERDICT_TIER_LOCAL ? 'local' : r.tier === VerdictTier.VERDICT_TIER_CENTRAL ? 'central' : r.tier === VerdictTier.VERDICT_TIER_DEFAULT ? 'default' : 'unknown';
+      const action = r.action === EventAction.EVENT_ACTION_CONTINUE ? 'continue' : r.action === EventAction.EVENT_ACTION_RETRY ? 'retry' : r.action === EventAction.EVENT_ACTION_CRASH ? 'crash' : 'unknown';
+      const k = `${uuid}|${r.ruleId}|${r.exceptionId}|${tier}|${action}`;
+      const now = r.repliedUnixNs || nowNs();
+      const c = this.pending.verdicts.get(k);
+      if (c) {
+        c.count++;
+        if (now > c.lastNs) c.lastNs = now;
+      } else this.pending.verdicts.set(k, { vm: uuid, ruleId: r.ruleId, exceptionId: r.exceptionId, tier, action, count: 1, lastNs: now });
+    }
+  }
+
+  async onDetection(s: AgentSession, d: Detection): Promise<void> {
+    this.m.messages.inc({ kind: 'detection' });
+    const uuid = uuidFromBytes(d.vmUuid);
+    const name = s.vms.get(uuid)?.name ?? (await this.store.getVm(uuid))?.name ?? '';
+    const r = await this.store.ingestDetection(d.detectionId, draftFromDetection(d, name));
+    this.m.detections.inc({ outcome: r.outcome });
+    if (r.outcome === 'created') this.m.alerts.inc({ severity: r.alert.severity });
+    // Acknowledge after the commit: the agent may now delete it from its spool.
+    s.send({ $case: 'detectionAck', value: { detectionIds: [d.detectionId] } });
+    if (r.outcome !== 'duplicate') this.publish({ alert: r.alert, outcome: r.outcome });
+  }
+
+  async onMisc(s: AgentSession, m: LinkRequest['message']): Promise<void> {
+    if (!m) return;
+    this.m.messages.inc({ kind: m.$case });
+    switch (m.$case) {
+      case 'loss':
+        await this.store.recordLoss({
+          hostId: s.hostId, vm: m.value.vmUuid.length ? uuidFromBytes(m.value.vmUuid) : '', recordType: enumName.lostType(m.value.recordType),
+          reason: enumName.lossReason(m.value.reason), count: m.value.droppedCount, windowEndNs: m.value.windowEndUnixNs,
+        });
+        break;
+      case 'counters':
+        await this.store.setHostCounters(s.hostId, JSON.parse(JSON.stringify(m.value, (_k, v: unknown) => (typeof v === 'bigint' ? v.toString() : v))) as Record<string, unknown>);
+        break;
+      case 'policyStatus': {
+        const st = enumName.policyState(m.value.state);
+        await this.store.setHostPolicyStatus(s.hostId, { policyId: m.value.policyId, version: m.value.version, state: st, error: m.value.error, activeVersion: m.value.activeVersion });
+        if (st === 'rejected') this.log('error', 'agent rejected the local policy', { host: s.hostId, version: m.value.version.toString(), error: m.value.error });
+        break;
+      }
+      default:
+        break;
+    }
+  }
+
+  async onClosed(s: AgentSession): Promise<void> {
+    this.pushChains.delete(s);
+    const t = this.pushTimers.get(s);
+    if (t) clearTimeout(t);
+    if (this.sessions.get(s.hostId) !== s) return;
+    this.sessions.delete(s.hostId);
+    for (const [uuid, vm] of s.vms) if (this.liveVms.get(uuid) === vm) this.liveVms.delete(uuid);
+    this.log('info', 'agent disconnected', { host: s.hostId });
+    await this.store.setHostConnected(s.hostId, false, nowNs()).catch((e: unknown) => this.log('warn', 'host state not stored', { error: (e as Error).message }));
+  }
+
+  recordCommand(s: AgentSession, id: bigint, vm: LiveVm, vcpu: number, kind: string, purpose: string): void {
+    void this.store.recordCommand({ id, replicaId: this.replicaId, hostId: s.hostId, vm: vm.uuid, generation: vm.generation, vcpu, kind, purpose, sentNs: nowNs() }).catch(() => undefined);
+  }
+
+  finishCommand(id: bigint, status: string, message: string): void {
+    this.m.commands.inc({ status });
+    void this.store.finishCommand(id, status, message, nowNs()).catch(() => undefined);
+  }
+
+  nextCommandId(): Promise<bigint> {
+    return this.store.nextCommandId();
+  }
+
+  /** Write the per-second counters now. */
+  flush(): Promise<void> {
+    this.flushing = this.flushing.then(async () => {
+      const p = this.pending;
+      this.pending = emptyPending();
+      const seen = new Map<string, bigint>();
+      for (const s of this.sessions.values()) if (s.hostId) seen.set(s.hostId, s.lastSeenNs);
+      try {
+        await this.store.flushCounters(p);
+        await this.store.touchHosts(seen);
+        this.m.flushes.inc();
+      } catch (e) {
+        this.log('warn', 'counter flush failed', { error: (e as Error).message });
+      }
+    });
+    return this.flushing;
+  }
+
+  /** Resolves when every link message received so far is handled and module work has finished (tests). */
+  async settled(): Promise<void> {
+    for (let i = 0; i < 50; i++) {
+      await Promise.all([...this.sessions.values()].map((s) => s.idle()));
+      await Promise.allSettled([...this.jobs]);
+      await Promise.all([...this.pushChains.values()]);
+      if (!this.jobs.size && !this.pushTimers.size) return;
+      await new Promise((r) => setTimeout(r, 25));
+    }
+  }
+}
+
+function factsJson(f: KernelFacts): Record<string, unknown> {
+  return { profile: f.profile, qemuStartTimeMs: f.qemuStartTimeMs.toString(), slide: hex(f.slide), textBase: hex(f.textBase), textPhys: hex(f.textPhys) };
+}
+
+function factsFrom(d: Record<string, unknown> | null): KernelFacts | undefined {
+  if (!d || typeof d['slide'] !== 'string') return undefined;
+  return { profile: d['profile'] as string, qemuStartTimeMs: BigInt(d['qemuStartTimeMs'] as string), slide: BigInt(d['slide']), textBase: BigInt(d['textBase'] as string), textPhys: BigInt(d['textPhys'] as string) };
+}

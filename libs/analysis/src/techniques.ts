@@ -1,0 +1,31 @@
+/**
+ * MITRE ATT&CK techniques of alerts, by `MODULE/RULE` (docs/alerts.md renders this table; a test keeps the
+ * two equal and checks every shipped attack scenario against it).
+ */
+export interface Technique {
+  readonly id: string;
+  readonly name: string;
+  readonly why: string;
+}
+
+export const TECHNIQUES: Readonly<Record<string, Technique>> = {
+  'kernel-code-integrity/text': { id: 'T1014', name: 'Rootkit', why: 'kernel code patched in place (inline hook)' },
+  'kernel-code-integrity/rodata': { id: 'T1014', name: 'Rootkit', why: 'read-only kernel data (e.g. sys_call_table) redirected' },
+  'kernel-code-integrity/data': { id: 'T1562.001', name: 'Impair Defenses: Disable or Modify Tools', why: 'a protected security setting of the kernel overwritten' },
+  'cr-pinning/cr0': { id: 'T1562', name: 'Impair Defenses', why: 'CR0.WP cleared to write read-only kernel memory' },
+  'cr-pinning/cr4': { id: 'T1068', name: 'Exploitation for Privilege Escalation', why: 'SMEP/SMAP cleared to run or read user memory in kernel mode (ret2usr)' },
+  'syscall-msrs/entry': { id: 'T1014', name: 'Rootkit', why: 'system-call entry MSR pointed at attacker code' },
+  'syscall-msrs/efer-nxe': { id: 'T1562', name: 'Impair Defenses', why: 'EFER.NXE cleared: data becomes executable' },
+  'descriptor-tables/idtr': { id: 'T1014', name: 'Rootkit', why: 'interrupt descriptor table replaced' },
+  'descriptor-tables/gdtr': { id: 'T1014', name: 'Rootkit', why: 'global descriptor table replaced' },
+};
+
+export function techniqueOf(module: string, rule: string): Technique | undefined {
+  return TECHNIQUES[`${module}/${rule}`];
+}
+
+export function renderTechniqueTable(): string {
+  const lines = ['| module / rule | technique | name | why |', '| --- | --- | --- | --- |'];
+  for (const [k, t] of Object.entries(TECHNIQUES)) lines.push(`| \`${k}\` | ${t.id} | ${t.name} | ${t.why} |`);
+  return lines.join('\n');
+}
