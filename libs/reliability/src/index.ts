@@ -12,3 +12,4 @@ export * from './agent-campaign.js';
 export * from './agent-process.js';
 export * from './agent-kill.js';
 export * from './wait.js';
+export * from './heki-campaign.js';

@@ -50,6 +50,8 @@ const CR0_WP = 1n << 16n;
 /** `cr4_pinned_mask`: SMEP, SMAP, UMIP, FSGSBASE, CET. */
 const CR4_PINNABLE = (1n << 20n) | (1n << 21n) | (1n << 11n) | (1n << 16n) | (1n << 23n);
 const U64_MAX = (1n << 64n) - 1n;
+/** Most VMs whose Heki state the sink keeps (least recently registered evicted first). */
+export const MAX_HEKI_VMS = 4096;
 
 export type HekiDenialAction = 'reenter' | 'stop';
 
@@ -301,6 +303,14 @@ export class HekiSink extends EventEmitter<HekiSinkEvents> {
       status: 'not-pinned',
     };
     s.status = statusOf(s);
+    // Bounded: a VMM registering ever new UUIDs must not grow the agent without limit. A host runs far
+    // fewer VMs than this; the least recently registered state goes first (Map keeps insertion order).
+    this.states.delete(uuid);
+    if (this.states.size >= MAX_HEKI_VMS) {
+      const oldest = this.states.keys().next().value;
+      if (oldest !== undefined) this.states.delete(oldest);
+      this.m?.invalid.inc({ method: 'RegisterVm', code: 'EVICTED_OLDEST' });
+    }
     this.states.set(uuid, s);
     this.m?.registrations.inc({ host_has_heki: String(r.hostHasHeki) });
     this.opts.log?.('info', r.hostHasHeki ? 'Heki VM registered' : 'Heki VM registered: Heki unavailable on this host', { uuid, name: r.vmName, configure: cfg, denial: den });
