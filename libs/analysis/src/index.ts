@@ -20,5 +20,8 @@ export { ProfileRegistry, sectionGpaRange, symbolRipRange, pagesOf, type KernelF
 export { TECHNIQUES, techniqueOf, renderTechniqueTable, type Technique } from './techniques.js';
 export { MAX_PAGE_ACCESS_BATCH, PROTECTED_ACCESS } from './kci.js';
 export { HealthService, ServingStatus } from './health.js';
+export { MemoryService, MemoryRouter, GuestAgentAccess, ReadPhysicalAccess, MemoryAccessError, HOST_LACKS_GET_MAP_TOKEN, DEFAULT_REHASH_SECONDS, KernelIntegrity, parseRanges, type AccessPath, type MemoryAccess, type MemRange, type IntegrityStatus, type IntegrityMismatch, type BreakpointSource, type PlantedByte } from './memory/index.js';
 export { alertJson } from './sinks.js';
 export type { WebhookOptions } from './sinks.js';
+export { HekiTracker, HEKI_STATUS_TEXT, CORRELATION_WINDOW_MS, type HekiStatus, type HekiVmRecord } from './heki.js';
+export { validateHekiModule, hekiBitNames, HEKI_CR0_BITS, HEKI_CR4_BITS, type HekiModuleParams, type HekiDenialResponse } from './heki-policy.js';

@@ -58,6 +58,8 @@ export interface LiveVm {
   facts?: KernelFacts;
   protection: Record<string, string>;
   ring: RecentEvent[];
+  /** vCPU stall from the agent's verdict records since attach: count, sum and max of read -> reply, ns. */
+  stall?: { verdicts: number; totalNs: number; maxNs: number };
   session: AgentSession;
 }
 
@@ -173,6 +175,29 @@ export class AgentSession {
     });
     this.h.finishCommand(id, enumName.commandStatus(result.status), result.message);
     if (result.status !== CommandStatus.COMMAND_STATUS_OK) throw new CommandError(result, `${kind} on ${vm.name} vCPU ${vcpu}`);
+    return result;
+  }
+
+  /**
+   * Pause or resume a whole VM (`VmPauseControl`): the agent persists the state and re-applies it when
+   * the VM re-attaches. Resolves with the agent's CommandResult (OK, or VM_NOT_ATTACHED: persisted,
+   * applied at attach); recorded in the command log like a KVMI command.
+   */
+  async pauseControl(vm: LiveVm, paused: boolean, requestedBy: string, timeoutMs = this.h.commandTimeoutMs): Promise<CommandResult> {
+    if (this.closed) throw new AnalysisError('link-closed', `link to ${this.hostId} is closed`);
+    const id = await this.h.nextCommandId();
+    const kind = paused ? 'pauseControl' : 'resumeControl';
+    this.h.recordCommand(this, id, vm, 0, kind, `operator ${requestedBy}`);
+    const result = await new Promise<CommandResult>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(id);
+        this.h.finishCommand(id, 'timeout', `no result within ${timeoutMs} ms`);
+        reject(new AnalysisError('command-timeout', `${kind} on ${vm.name}: no result within ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.pending.set(id, { resolve, reject, timer });
+      this.send({ $case: 'pauseControl', value: { correlationId: id, vmUuid: uuidToBytes(vm.uuid), paused, requestedBy } });
+    });
+    this.h.finishCommand(id, enumName.commandStatus(result.status), result.message);
     return result;
   }
 

@@ -10,6 +10,7 @@ import { parseDocument } from 'yaml';
 import { CR_BITS, MSR } from '@periscope/simulator';
 import type { Severity } from '@periscope/verdicts';
 import { AnalysisError, type PolicyIssue } from './errors.js';
+import { hekiParamsFromJson, validateHekiModule, type HekiModuleParams } from './heki-policy.js';
 
 export const POLICY_FORMAT = 'periscope.policy/v1';
 
@@ -24,6 +25,11 @@ export interface KernelCodeIntegrityParams {
   readonly protectedData: boolean;
   /** RIP ranges (kernel symbols of the profile) allowed to write the protected text (default `text_poke`). */
   readonly allowWriters: readonly string[];
+  /**
+   * Re-hash the text and rodata pages every this many seconds (`rehash-interval`; memory/integrity.ts);
+   * 0 = baseline at attach only. Absent = the module's default (DEFAULT_REHASH_SECONDS).
+   */
+  readonly rehashSeconds?: number;
 }
 
 export interface CrPinningParams {
@@ -52,6 +58,8 @@ export interface PolicyModules {
   readonly crPinning?: CrPinningParams;
   readonly syscallMsrs?: SyscallMsrParams;
   readonly descriptorTables?: DescriptorTableParams;
+  /** Heki pins expected per VM group, and the denial response (heki-policy.ts). */
+  readonly heki?: HekiModuleParams;
 }
 
 export interface VmSelector {
@@ -74,7 +82,7 @@ export interface PolicySpec {
   readonly modules: PolicyModules;
 }
 
-export const MODULE_NAMES = ['kernel-code-integrity', 'cr-pinning', 'syscall-msrs', 'descriptor-tables'] as const;
+export const MODULE_NAMES = ['kernel-code-integrity', 'cr-pinning', 'syscall-msrs', 'descriptor-tables', 'heki'] as const;
 export type ModuleName = (typeof MODULE_NAMES)[number];
 
 export const MSR_NAMES: Readonly<Record<string, number>> = {
@@ -207,13 +215,18 @@ export function validatePolicy(doc: unknown, source = 'policy'): PolicySpec {
     let m = enabled('kernel-code-integrity');
     if (m) {
       const p = 'modules.kernel-code-integrity';
-      c.keys(m, p, ['enabled', 'action', 'severity', 'sections', 'protected-data', 'allow-writers']);
+      c.keys(m, p, ['enabled', 'action', 'severity', 'sections', 'protected-data', 'allow-writers', 'rehash-interval']);
+      const rehash = m['rehash-interval'];
+      if (rehash !== undefined && (typeof rehash !== 'number' || !Number.isFinite(rehash) || rehash < 0 || (rehash > 0 && rehash < 0.1) || rehash > 86_400)) {
+        c.fail(`${p}.rehash-interval`, 'must be 0 (baseline only) or a number of seconds 0.1..86400');
+      }
       const sections = m['sections'] === undefined ? ['.text', '.rodata'] : c.strList(m['sections'], `${p}.sections`);
       modules.kernelCodeIntegrity = {
         ...moduleCommon(c, m, p, 'deny', 'critical'),
         sections,
         protectedData: c.bool(m['protected-data'], `${p}.protected-data`, true),
         allowWriters: m['allow-writers'] === undefined ? ['text_poke'] : c.strList(m['allow-writers'], `${p}.allow-writers`),
+        ...(typeof rehash === 'number' ? { rehashSeconds: rehash } : {}),
       };
     }
     m = enabled('cr-pinning');
@@ -250,6 +263,12 @@ export function validatePolicy(doc: unknown, source = 'policy'): PolicySpec {
       });
       modules.descriptorTables = { ...moduleCommon(c, m, p, 'report', 'high'), tables };
     }
+    m = enabled('heki');
+    if (m) {
+      const r = validateHekiModule(m, 'modules.heki');
+      for (const i of r.issues) c.fail(i.path, i.message);
+      modules.heki = r.params;
+    }
   }
   const description = c.str(root['description'], 'description', '')!;
   if (c.issues.length) {
@@ -283,6 +302,7 @@ export function specFromJson(j: Obj): PolicySpec {
     modules: {
       ...(s.modules as PolicyModules),
       ...(cr ? { crPinning: { ...(m['crPinning'] as CrPinningParams), cr0: BigInt(cr.cr0), cr4: BigInt(cr.cr4) } } : {}),
+      ...(m['heki'] ? { heki: hekiParamsFromJson(m['heki'] as Obj) } : {}),
     },
   };
 }

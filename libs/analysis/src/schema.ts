@@ -164,6 +164,21 @@ CREATE SEQUENCE command_ids;
 CREATE SEQUENCE local_policy_versions START WITH 1000;
 `,
   },
+  {
+    version: 2,
+    name: 'heki',
+    sql: `
+CREATE TABLE heki_vms (
+  vm_uuid text PRIMARY KEY,
+  host_id text NOT NULL,
+  name text NOT NULL DEFAULT '',
+  status text NOT NULL,
+  state jsonb NOT NULL,
+  updated_ns int8 NOT NULL
+);
+CREATE INDEX heki_vms_host ON heki_vms (host_id);
+`,
+  },
 ];
 
 /** Apply the migrations not applied yet (idempotent; safe with several replicas starting together). */

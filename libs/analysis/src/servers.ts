@@ -11,6 +11,8 @@ import { Server, ServerCredentials, status as GrpcStatus, type Metadata, type se
 import {
   AgentLinkServiceService,
   AlertState,
+  CommandStatus,
+  GuestMemoryServiceService,
   OperatorServiceService,
   uuidFromBytes,
   uuidToBytes,
@@ -21,10 +23,14 @@ import {
 import { AnalysisError, isAnalysisError } from './errors.js';
 import { healthImplementation, HealthService } from './health.js';
 import { AgentSession } from './link.js';
+import { handleMemoryHttp } from './memory/http.js';
 import type { ExceptionSpec } from './modules.js';
 import type { ModuleName } from './policy.js';
 import type { Analysis, TlsMaterial } from './service.js';
 import { alertJson, jsonReplacer } from './sinks.js';
+import { serveStatic } from './static.js';
+import { startHealthServer, type HealthServer } from './health-server.js';
+import { watchAlertsImplementation } from './alert-watch.js';
 import { SEVERITY_NAMES, severityNumber, type AlertFilter, type AlertRecord, type SeverityName } from './store.js';
 
 export interface Servers {
@@ -32,6 +38,8 @@ export interface Servers {
   readonly httpPort: number;
   readonly grpcAddress: string;
   readonly httpAddress: string;
+  /** The health-only plaintext gRPC server's port (0 without `healthListen`). */
+  readonly healthPort: number;
   close(): Promise<void>;
 }
 
@@ -50,24 +58,40 @@ function tokenOk(expected: string | undefined, header: string | undefined): bool
   return a.length === b.length && timingSafeEqual(a, b);
 }
 
-export async function startServers(a: Analysis, o: { grpcListen: string; httpListen?: string; tls?: TlsMaterial; apiToken?: string; keepaliveMs: number }): Promise<Servers> {
-  const grpc = new Server({ 'grpc.keepalive_time_ms': 30_000, 'grpc.max_receive_message_length': 64 * 1024 * 1024 });
+export async function startServers(a: Analysis, o: { grpcListen: string; httpListen?: string; tls?: TlsMaterial; apiToken?: string; keepaliveMs: number; dashboardDir?: string; healthListen?: string; maxConnectionAgeMs?: number; maxConnectionAgeGraceMs?: number }): Promise<Servers> {
+  const grpc = new Server({
+    'grpc.keepalive_time_ms': 30_000,
+    'grpc.max_receive_message_length': 64 * 1024 * 1024,
+    ...(o.maxConnectionAgeMs !== undefined ? { 'grpc.max_connection_age_ms': o.maxConnectionAgeMs } : {}),
+    ...(o.maxConnectionAgeGraceMs !== undefined ? { 'grpc.max_connection_age_grace_ms': o.maxConnectionAgeGraceMs } : {}),
+  });
   let serving = true;
   grpc.addService(AgentLinkServiceService, {
     link: (call: ServerDuplexStream<LinkRequest, LinkResponse>) => {
       new AgentSession(call, a, o.keepaliveMs);
     },
   } as UntypedServiceImplementation);
-  grpc.addService(HealthService, healthImplementation(['periscope.v1.AgentLinkService', 'periscope.v1.OperatorService'], () => serving));
-  grpc.addService(OperatorServiceService, operatorImplementation(a, o.apiToken));
+  grpc.addService(GuestMemoryServiceService, a.memory.hub.service); // guest agents (memory/access.ts routes work to them)
+  grpc.addService(HealthService, healthImplementation(['periscope.v1.AgentLinkService', 'periscope.v1.OperatorService', 'periscope.v1.GuestMemoryService'], () => serving));
+  const watches = new Set<{ end(): void }>();
+  grpc.addService(OperatorServiceService, operatorImplementation(a, o.apiToken, watches));
   const creds = o.tls ? ServerCredentials.createSsl(o.tls.ca, [{ private_key: o.tls.key, cert_chain: o.tls.cert }], true) : ServerCredentials.createInsecure();
   const g = splitHostPort(o.grpcListen);
   const grpcPort = await new Promise<number>((resolve, reject) => grpc.bindAsync(`${g.host.includes(':') ? `[${g.host}]` : g.host}:${g.port}`, creds, (err, port) => (err ? reject(err) : resolve(port))));
+  let health: HealthServer | undefined;
+  if (o.healthListen) {
+    try {
+      health = await startHealthServer(splitHostPort(o.healthListen), ['periscope.v1.AgentLinkService', 'periscope.v1.OperatorService'], () => serving);
+    } catch (e) {
+      grpc.forceShutdown();
+      throw e;
+    }
+  }
   let http: HttpServer | undefined;
   let httpPort = 0;
   const streams = new Set<ServerResponse>();
   if (o.httpListen) {
-    const handler = (req: IncomingMessage, res: ServerResponse) => void handleHttp(a, req, res, o.apiToken, streams);
+    const handler = (req: IncomingMessage, res: ServerResponse) => void handleHttp(a, req, res, o.apiToken, streams, o.dashboardDir);
     http = o.tls ? createHttpsServer({ key: o.tls.key, cert: o.tls.cert, ca: o.tls.ca }, handler) : createHttpServer(handler);
     const h = splitHostPort(o.httpListen);
     await new Promise<void>((resolve, reject) => {
@@ -82,8 +106,11 @@ export async function startServers(a: Analysis, o: { grpcListen: string; httpLis
     httpPort,
     grpcAddress: `${g.host}:${grpcPort}`,
     httpAddress: o.httpListen ? `${splitHostPort(o.httpListen).host}:${httpPort}` : '',
+    healthPort: health?.port ?? 0,
     async close() {
       serving = false;
+      await health?.close();
+      for (const w of [...watches]) w.end();
       for (const r of streams) r.end();
       if (http) {
         http.closeAllConnections?.();
@@ -103,7 +130,7 @@ export function alertToProto(x: AlertRecord): Alert {
   return {
     alertId: x.id, severity: severityNumber(x.severity), state: STATE_TO_PROTO[x.state] ?? AlertState.ALERT_STATE_UNSPECIFIED, title: x.title, description: x.description,
     hostId: x.hostId, vmUuid: uuidToBytes(x.vm.uuid), ruleId: x.ruleId, detectionIds: x.detectionIds ?? [], count: x.count, firstSeenUnixNs: x.firstSeenNs, lastSeenUnixNs: x.lastSeenNs,
-    acknowledgedBy: x.acknowledgedBy, acknowledgedUnixNs: x.acknowledgedNs, ackComment: x.ackComment,
+    acknowledgedBy: x.acknowledgedBy, acknowledgedUnixNs: x.acknowledgedNs, ackComment: x.ackComment, seq: x.seq, technique: x.technique.id,
   };
 }
 
@@ -115,7 +142,7 @@ function grpcError(e: unknown): { code: GrpcStatus; details: string } {
   return { code: GrpcStatus.INTERNAL, details: (e as Error).message };
 }
 
-function operatorImplementation(a: Analysis, token: string | undefined): UntypedServiceImplementation {
+function operatorImplementation(a: Analysis, token: string | undefined, watches: Set<{ end(): void }>): UntypedServiceImplementation {
   const unary = <Req, Res>(fn: (req: Req, md: Metadata) => Promise<Res>) => (call: ServerUnaryCall<Req, Res>, cb: sendUnaryData<Res>) => {
     const auth = call.metadata.get('authorization')[0];
     if (!tokenOk(token, typeof auth === 'string' ? auth : undefined)) {
@@ -183,6 +210,7 @@ function operatorImplementation(a: Analysis, token: string | undefined): Untyped
     listAuditEvents: unary(async () => {
       throw new AnalysisError('bad-request', 'the audit log arrives with issue #9');
     }),
+    watchAlerts: watchAlertsImplementation(a, (h) => tokenOk(token, h), alertToProto, watches),
   };
 }
 
@@ -201,6 +229,8 @@ class HttpError extends Error {
     super(message);
   }
 }
+
+const commandStatusName = (v: CommandStatus): string => (CommandStatus[v] ?? String(v)).replace('COMMAND_STATUS_', '').toLowerCase();
 
 function send(res: ServerResponse, status: number, body: unknown): void {
   res.writeHead(status, { 'content-type': 'application/json' }).end(JSON.stringify(body, jsonReplacer));
@@ -259,7 +289,7 @@ const matches = (f: AlertFilter, x: AlertRecord): boolean =>
   (!f.minSeverity || severityNumber(x.severity) >= severityNumber(f.minSeverity)) && (!f.vm || x.vm.uuid === f.vm || x.vm.name === f.vm) && (!f.host || x.hostId === f.host) &&
   (!f.technique || x.technique.id === f.technique) && (!f.module || x.module === f.module) && (!f.state || x.state === f.state);
 
-async function handleHttp(a: Analysis, req: IncomingMessage, res: ServerResponse, token: string | undefined, streams: Set<ServerResponse>): Promise<void> {
+async function handleHttp(a: Analysis, req: IncomingMessage, res: ServerResponse, token: string | undefined, streams: Set<ServerResponse>, dashboardDir?: string): Promise<void> {
   const url = new URL(req.url ?? '/', 'http://analysis');
   const path = url.pathname;
   const method = req.method ?? 'GET';
@@ -269,18 +299,26 @@ async function handleHttp(a: Analysis, req: IncomingMessage, res: ServerResponse
       res.writeHead(200, { 'content-type': 'text/plain; version=0.0.4' }).end(a.registry.render());
       return;
     }
+    // The dashboard (static files, no data in them: its API calls carry the token).
+    if (dashboardDir && !path.startsWith('/v1/') && (await serveStatic(dashboardDir, req, res, path))) return;
     if (!tokenOk(token, req.headers.authorization)) throw new HttpError(401, 'unauthorized', 'a bearer token is required (Authorization: Bearer TOKEN)');
     let m: RegExpExecArray | null;
+    if (await handleMemoryHttp(a, req, res, path, url)) return; // /v1/vms/{id}/scan, /v1/vms/{id}/integrity (memory/http.ts)
+    if (path === '/v1/heki' && method === 'GET') {
+      const attached = [...a.liveVms.values()].map((v) => ({ uuid: v.uuid, name: v.name, hostId: v.hostId }));
+      return send(res, 200, await a.heki.fleet(url.searchParams.get('host') ? { host: url.searchParams.get('host')! } : {}, attached));
+    }
     if (path === '/v1/hosts' && method === 'GET') return send(res, 200, { hosts: await a.store.listHosts({ connectedOnly: url.searchParams.get('connected') === 'true' }) });
     if (path === '/v1/vms' && method === 'GET') {
       const vms = await a.store.listVms({ ...(url.searchParams.get('host') ? { host: url.searchParams.get('host')! } : {}), attachedOnly: url.searchParams.get('attached') === 'true', ...(url.searchParams.get('after') ? { after: url.searchParams.get('after')! } : {}), limit: Number(url.searchParams.get('limit') ?? 1000) });
-      return send(res, 200, { vms: vms.map((v) => ({ ...v, protection: a.liveVms.get(v.uuid)?.protection ?? v.protection })) });
+      const heki = await a.heki.viewsByUuid();
+      return send(res, 200, { vms: vms.map((v) => ({ ...v, protection: a.liveVms.get(v.uuid)?.protection ?? v.protection, heki: heki.get(v.uuid) ?? null })) });
     }
     if ((m = /^\/v1\/vms\/([^/]+)$/.exec(path)) && method === 'GET') {
       const vm = await a.store.findVm(decodeURIComponent(m[1]!));
       if (!vm) throw new HttpError(404, 'not-found', `no VM ${m[1]}`);
       const live = a.liveVms.get(vm.uuid);
-      return send(res, 200, { vm: { ...vm, protection: live?.protection ?? vm.protection }, counters: await a.store.vmCounters(vm.uuid), recentEvents: live?.ring ?? [], commands: await a.store.listCommands(vm.uuid, 50) });
+      return send(res, 200, { vm: { ...vm, protection: live?.protection ?? vm.protection, heki: (await a.heki.viewsByUuid(vm.uuid)).get(vm.uuid) ?? null }, counters: await a.store.vmCounters(vm.uuid), stall: live?.stall ?? null, recentEvents: live?.ring ?? [], commands: await a.store.listCommands(vm.uuid, 50) });
     }
     if ((m = /^\/v1\/vms\/([^/]+)\/labels$/.exec(path)) && (method === 'PUT' || method === 'POST')) {
       const body = await readJson(req);
@@ -290,6 +328,22 @@ async function handleHttp(a: Analysis, req: IncomingMessage, res: ServerResponse
       if (!vm) throw new HttpError(404, 'not-found', `no VM ${m[1]}`);
       await a.setVmLabels(vm.uuid, labels as Record<string, string>);
       return send(res, 200, { vm: await a.store.getVm(vm.uuid) });
+    }
+    if ((m = /^\/v1\/vms\/([^/]+)\/(pause|resume)$/.exec(path)) && method === 'POST') {
+      // VmPauseControl to the owning agent, which persists it and re-applies it when the VM re-attaches.
+      const body = await readJson(req);
+      const vm = await a.store.findVm(decodeURIComponent(m[1]!));
+      if (!vm) throw new HttpError(404, 'not-found', `no VM ${m[1]}`);
+      const live = a.liveVms.get(vm.uuid);
+      if (!live) throw new HttpError(409, 'not-attached', `VM ${vm.name} (${vm.uuid}) has no agent linked to this replica: cannot ${m[2]} it now`);
+      const paused = m[2] === 'pause';
+      const r = await live.session.pauseControl(live, paused, typeof body['by'] === 'string' ? body['by'] : 'operator');
+      const status = commandStatusName(r.status);
+      if (r.status === CommandStatus.COMMAND_STATUS_OK || r.status === CommandStatus.COMMAND_STATUS_VM_NOT_ATTACHED) {
+        return send(res, r.status === CommandStatus.COMMAND_STATUS_OK ? 200 : 202, { vm: { uuid: vm.uuid, name: vm.name, hostId: live.hostId }, paused, status, message: r.message });
+      }
+      if (r.status === CommandStatus.COMMAND_STATUS_REFUSED_BY_AGENT_POLICY) throw new HttpError(403, 'refused', `the agent on ${live.hostId} refused: ${r.message}`);
+      throw new HttpError(502, 'command-failed', `${m[2]} ${vm.name}: ${status}${r.message ? ` (${r.message})` : ''}`);
     }
     if (path === '/v1/alerts' && method === 'GET') {
       const f = alertFilter(url.searchParams);

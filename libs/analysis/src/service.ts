@@ -20,8 +20,11 @@ import { choosePolicy, parsePolicyDocument, type ModuleName, type PolicySpec } f
 import { ProfileRegistry, type KernelFacts } from './profiles.js';
 import { migrate, nowNs } from './schema.js';
 import { AlertSinks, type WebhookOptions } from './sinks.js';
-import { Store, type AlertRecord, type StoredPolicy } from './store.js';
+import { Store, type AlertDraft, type AlertRecord, type StoredPolicy } from './store.js';
 import { startServers, type Servers } from './servers.js';
+import { HekiTracker } from './heki.js';
+import { MemoryService } from './memory/index.js';
+import { STATUS_KEY as MEMORY_STATUS_KEY } from './memory/integrity.js';
 
 export type LogLevel = 'debug' | 'info' | 'warn' | 'error';
 export type Log = (level: LogLevel, msg: string, fields?: Record<string, unknown>) => void;
@@ -37,6 +40,11 @@ export interface AnalysisOptions {
   readonly db: string;
   /** gRPC (AgentLink, health, operator): `HOST:PORT`; port 0 = ephemeral. Default 127.0.0.1:7400. */
   readonly grpcListen?: string;
+  /** Plaintext gRPC `HOST:PORT` serving only grpc.health.v1 (Kubernetes probes; `--health-listen`). */
+  readonly healthListen?: string;
+  /** grpc-js `grpc.max_connection_age_ms` / `grpc.max_connection_age_grace_ms` of the main gRPC server. */
+  readonly grpcMaxConnectionAgeMs?: number;
+  readonly grpcMaxConnectionAgeGraceMs?: number;
   /** HTTP API and /metrics: `HOST:PORT`; absent = no HTTP server. */
   readonly httpListen?: string;
   /** Import every `*.yaml`/`*.yml`/`*.json` policy in this directory at start (idempotent). */
@@ -56,6 +64,8 @@ export interface AnalysisOptions {
   readonly flushMs?: number;
   readonly commandTimeoutMs?: number;
   readonly ringSize?: number;
+  /** Serve the dashboard's built files (apps/dashboard/dist) at `/` of the HTTP server. */
+  readonly dashboardDir?: string;
 }
 
 export interface AlertNotice {
@@ -81,6 +91,10 @@ export class Analysis implements LinkHandler {
   readonly store: Store;
   readonly sessions = new Map<string, AgentSession>();
   readonly liveVms = new Map<string, LiveVm>();
+  /** Heki state, fleet view, expected pins, violation alerts and their KVMI correlation (heki.ts). */
+  readonly heki: HekiTracker;
+  /** Guest memory: the guest agents' hub, routing, kernel integrity hashing (memory/). */
+  readonly memory: MemoryService;
   private readonly bus = new EventEmitter();
   private policies: StoredPolicy[] = [];
   private exceptions: ExceptionSpec[] = [];
@@ -97,10 +111,15 @@ export class Analysis implements LinkHandler {
 
   private constructor(readonly db: Db, readonly opts: AnalysisOptions) {
     this.store = new Store(db);
+    this.heki = new HekiTracker({
+      db, store: this.store, registry: this.registry, log: (l, m, f) => this.log(l, m, f), specs: () => this.specs(),
+      labels: (uuid) => this.liveVms.get(uuid)?.labels ?? {}, publish: (n) => this.publish(n), sessions: () => this.sessions.values(),
+    });
     this.replicaId = opts.replicaId ?? `${hostname()}-${process.pid}`;
     this.ringSize = opts.ringSize ?? 256;
     this.commandTimeoutMs = opts.commandTimeoutMs ?? 5000;
     this.logFn = opts.log ?? (() => undefined);
+    this.memory = new MemoryService(this);
     const r = this.registry;
     this.m = {
       messages: r.counter('periscope_analysis_link_messages_total', 'agent link messages received, by kind'),
@@ -126,6 +145,7 @@ export class Analysis implements LinkHandler {
       if (opts.profileDir) a.profiles.addDir(opts.profileDir);
       if (opts.policyDir) await a.importPolicyDir(opts.policyDir);
       await a.reloadCaches();
+      await a.heki.load();
       a.sinks = new AlertSinks({ ...(opts.webhook ? { webhook: opts.webhook } : {}), ...(opts.alertsJsonl ? { jsonl: opts.alertsJsonl } : {}), log: a.logFn });
       a.flushTimer = setInterval(() => void a!.flush(), opts.flushMs ?? 1000);
       a.flushTimer.unref();
@@ -135,6 +155,10 @@ export class Analysis implements LinkHandler {
         ...(opts.tls ? { tls: opts.tls } : {}),
         ...(opts.apiToken ? { apiToken: opts.apiToken } : {}),
         keepaliveMs: opts.keepaliveMs ?? 5000,
+        ...(opts.healthListen ? { healthListen: opts.healthListen } : {}),
+        ...(opts.grpcMaxConnectionAgeMs !== undefined ? { maxConnectionAgeMs: opts.grpcMaxConnectionAgeMs } : {}),
+        ...(opts.grpcMaxConnectionAgeGraceMs !== undefined ? { maxConnectionAgeGraceMs: opts.grpcMaxConnectionAgeGraceMs } : {}),
+        ...(opts.dashboardDir ? { dashboardDir: opts.dashboardDir } : {}),
       });
       a.log('info', 'analysis running', { replica: a.replicaId, grpc: a.grpcAddress, http: a.httpAddress, db: db.driver });
       return a;
@@ -157,9 +181,15 @@ export class Analysis implements LinkHandler {
   get httpAddress(): string {
     return this.servers?.httpAddress ?? '';
   }
+  /** Port of the plaintext health-only gRPC server (`healthListen`), 0 without one. */
+  get healthPort(): number {
+    return this.servers?.healthPort ?? 0;
+  }
 
   async stop(): Promise<void> {
     if (this.flushTimer) clearInterval(this.flushTimer);
+    this.heki.stop();
+    this.memory.stop();
     for (const t of this.pushTimers.values()) clearTimeout(t);
     for (const s of [...this.sessions.values()]) await s.close();
     await this.servers?.close();
@@ -177,6 +207,15 @@ export class Analysis implements LinkHandler {
   onAlert(fn: (n: AlertNotice) => void): () => void {
     this.bus.on('alert', fn);
     return () => this.bus.off('alert', fn);
+  }
+
+  /** Store and publish an alert analysis raised itself (kernel integrity hashing); idempotent by detection id. */
+  async raiseAlert(detectionId: string, draft: AlertDraft): Promise<AlertRecord> {
+    const r = await this.store.ingestDetection(detectionId, draft);
+    this.m.detections.inc({ outcome: r.outcome });
+    if (r.outcome === 'created') this.m.alerts.inc({ severity: r.alert.severity });
+    if (r.outcome !== 'duplicate') this.publish({ alert: r.alert, outcome: r.outcome });
+    return r.alert;
   }
 
   private publish(n: AlertNotice): void {
@@ -231,6 +270,7 @@ export class Analysis implements LinkHandler {
       for (const vm of s.vms.values()) this.assign(vm);
       await this.pushPolicy(s);
     }
+    this.heki.refresh();
   }
 
   private specs(): PolicySpec[] {
@@ -252,6 +292,8 @@ export class Analysis implements LinkHandler {
     if (spec?.modules.kernelCodeIntegrity) {
       const cur = vm.protection['kernel-code-integrity'];
       prot['kernel-code-integrity'] = cur && !changed ? cur : 'pending';
+      const mem = vm.protection[MEMORY_STATUS_KEY];
+      if (mem && !changed) prot[MEMORY_STATUS_KEY] = mem;
       if (!cur || changed || cur.startsWith('failed')) this.track(this.protectKernel(vm, spec));
     }
     vm.protection = prot;
@@ -285,6 +327,7 @@ export class Analysis implements LinkHandler {
       await this.pushPolicy(s); // the PF rules are installed before the first page is restricted
       const pages = await restrictPages(s, vm, spec, facts, this.profiles);
       if (current()) await set(`protected (${pages} pages write-protected)`);
+      if (current()) this.track(this.memory.integrity.start(vm, spec, facts)); // hashing: memory/integrity.ts
     } catch (e) {
       this.log('warn', 'kernel code integrity failed', { vm: vm.name, error: (e as Error).message });
       if (current()) await set(`failed: ${(e as Error).message}`).catch(() => undefined);
@@ -395,6 +438,7 @@ export class Analysis implements LinkHandler {
       this.assign(vm);
       await this.pushPolicy(vm.session);
     }
+    this.heki.refresh();
   }
 
   // ---------------------------------------------------------------- link handlers
@@ -487,10 +531,19 @@ export class Analysis implements LinkHandler {
     }
   }
 
-  onVerdicts(_s: AgentSession, b: Extract<LinkRequest['message'], { $case: 'verdictBatch' }>['value']): void {
+  onVerdicts(s: AgentSession, b: Extract<LinkRequest['message'], { $case: 'verdictBatch' }>['value']): void {
     this.m.messages.inc({ kind: 'verdict_batch' });
     for (const r of b.records) {
       const uuid = uuidFromBytes(r.vmUuid);
+      const live = s.vms.get(uuid);
+      if (live) {
+        // vCPU stall (event read -> reply written, as the agent measured it), cumulative for the dashboard.
+        const st = (live.stall ??= { verdicts: 0, totalNs: 0, maxNs: 0 });
+        const ns = Number(r.latencyNs);
+        st.verdicts++;
+        st.totalNs += ns;
+        if (ns > st.maxNs) st.maxNs = ns;
+      }
       const tier = r.tier === VerdictTier.VERDICT_TIER_LOCAL ? 'local' : r.tier === VerdictTier.VERDICT_TIER_CENTRAL ? 'central' : r.tier === VerdictTier.VERDICT_TIER_DEFAULT ? 'default' : 'unknown';
       const action = r.action === EventAction.EVENT_ACTION_CONTINUE ? 'continue' : r.action === EventAction.EVENT_ACTION_RETRY ? 'retry' : r.action === EventAction.EVENT_ACTION_CRASH ? 'crash' : 'unknown';
       const k = `${uuid}|${r.ruleId}|${r.exceptionId}|${tier}|${action}`;
@@ -507,7 +560,8 @@ export class Analysis implements LinkHandler {
     this.m.messages.inc({ kind: 'detection' });
     const uuid = uuidFromBytes(d.vmUuid);
     const name = s.vms.get(uuid)?.name ?? (await this.store.getVm(uuid))?.name ?? '';
-    const r = await this.store.ingestDetection(d.detectionId, draftFromDetection(d, name));
+    // A CR detection on a Heki VM may be the same incident as a Heki denial (heki.ts).
+    const r = await this.heki.ingestDetection(d, draftFromDetection(d, name), (id, draft) => this.store.ingestDetection(id, draft));
     this.m.detections.inc({ outcome: r.outcome });
     if (r.outcome === 'created') this.m.alerts.inc({ severity: r.alert.severity });
     // Acknowledge after the commit: the agent may now delete it from its spool.
@@ -534,6 +588,11 @@ export class Analysis implements LinkHandler {
         if (st === 'rejected') this.log('error', 'agent rejected the local policy', { host: s.hostId, version: m.value.version.toString(), error: m.value.error });
         break;
       }
+      case 'hekiRegistered':
+      case 'hekiConfigure':
+      case 'hekiDenial':
+        await this.heki.onMessage(s, m);
+        break;
       default:
         break;
     }

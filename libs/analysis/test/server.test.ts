@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { CommandStatus, EventAction, EventDisposition, Severity, uuidToBytes, VerdictTier, type Detection } from '@periscope/contracts';
 import { compilePolicy, parsePolicyText } from '@periscope/verdicts';
-import { Analysis, MAX_PAGE_ACCESS_BATCH, ServingStatus, type AnalysisOptions } from '../src/index.js';
+import { Analysis, MAX_PAGE_ACCESS_BATCH, MIGRATIONS, ServingStatus, type AnalysisOptions } from '../src/index.js';
 import { DB_VARIANTS, fakeGuest, resetDatabase, healthClient, http, POLICY_ALL, ScriptedAgent, until } from './support.js';
 
 const SLIDE = 0x1400000n;
@@ -68,7 +68,7 @@ describe.each(DB_VARIANTS)('analysis server on $name', (variant) => {
     await expect(h.check('no.such.Service')).rejects.toThrow(/NOT_FOUND|unknown service/);
     expect((await http(base, '/healthz')).body).toMatchObject({ status: 'ok', db: variant.name === 'pglite' || dbUrl.startsWith('pglite') ? 'pglite' : 'postgres' });
     const rows = await a.db.query<{ version: number }>('SELECT version FROM schema_migrations');
-    expect(rows.map((r) => r.version)).toEqual([1]);
+    expect(rows.map((r) => r.version)).toEqual(MIGRATIONS.map((m) => m.version));
   });
 
   it('policy documents: validated with paths, versioned, idempotent import', async () => {

@@ -77,7 +77,7 @@ export async function resetDatabase(url: string): Promise<void> {
   const db = await openDb(url);
   try {
     await migrate(db);
-    await db.exec('TRUNCATE hosts, vms, vcpus, event_counts, verdict_counts, losses, alert_detections, alerts, policies, exceptions, commands');
+    await db.exec('TRUNCATE hosts, vms, vcpus, event_counts, verdict_counts, losses, alert_detections, alerts, policies, exceptions, commands, heki_vms');
   } finally {
     await db.close();
   }

@@ -9,6 +9,7 @@
 //      EventBatch up, the verdict back — i.e. the gRPC round trip without the agent and KVMI.
 import { fork, spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { request } from 'node:http';
 import { cpus, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -16,6 +17,8 @@ import { fileURLToPath } from 'node:url';
 const here = dirname(fileURLToPath(import.meta.url));
 const root = join(here, '../../..');
 const ROUNDS = Number(process.env.AGENT_LINK_BENCH_ROUNDS ?? 2000);
+// Extra node flags for the agent and peer processes (profiling), e.g. "--cpu-prof --cpu-prof-dir=/tmp/p".
+const NODE_ARGS = (process.env.AGENT_BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean);
 const progress = (msg) => process.stderr.write(`[agent link bench] ${msg}\n`);
 const pct = (sorted, p) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -50,6 +53,22 @@ process.on('exit', () => {
   for (const c of children) c.kill('SIGKILL');
 });
 
+/** The agent's stall histogram sum/count (seconds) from /metrics. */
+function stall(port) {
+  return new Promise((resolve, reject) => {
+    const req = request({ host: '127.0.0.1', port, path: '/metrics' }, (res) => {
+      let b = '';
+      res.on('data', (c) => (b += c));
+      res.on('end', () => {
+        const v = (name) => b.split('\n').filter((l) => l.startsWith(name)).reduce((n, l) => n + Number(l.slice(l.lastIndexOf(' ') + 1)), 0);
+        resolve({ sum: v('periscope_agent_vcpu_stall_seconds_sum'), count: v('periscope_agent_vcpu_stall_seconds_count') });
+      });
+    });
+    req.on('error', reject);
+    req.end();
+  });
+}
+
 async function rawPingPong(address, rounds) {
   const grpc = await import(join(root, 'node_modules/@grpc/grpc-js/build/src/index.js'));
   const contracts = await import(join(root, 'libs/contracts/dist/index.js'));
@@ -83,7 +102,7 @@ async function rawPingPong(address, rounds) {
 async function main() {
   const sim = await import(join(root, 'libs/simulator/dist/index.js'));
   const dir = mkdtempSync(join(tmpdir(), 'hab-link-'));
-  const peer = fork(fileURLToPath(import.meta.url), ['--peer'], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+  const peer = fork(fileURLToPath(import.meta.url), ['--peer'], { execArgv: NODE_ARGS, stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
   children.add(peer);
   const { address } = await new Promise((r) => peer.once('message', r));
   writeFileSync(join(dir, 'cookie'), 'bench');
@@ -96,7 +115,8 @@ async function main() {
     interception: { events: ['CR'], crs: [4], msrs: [] },
   };
   writeFileSync(join(dir, 'policy.json'), JSON.stringify(policy));
-  const agent = spawn(process.execPath, [join(root, 'bin/periscope'), 'host-agent', '--kvmi-listen', `unix:${dir}/k.sock`, '--cookie-file', join(dir, 'cookie'), '--policy', join(dir, 'policy.json'), '--analysis', address, '--api-listen', `unix:${dir}/api.sock`, '--log-level', 'warn'], { stdio: ['ignore', 'ignore', 'inherit'] });
+  const metricsPort = 20000 + Math.floor(Math.random() * 20000);
+  const agent = spawn(process.execPath, [...NODE_ARGS, join(root, 'bin/periscope'), 'host-agent', '--kvmi-listen', `unix:${dir}/k.sock`, '--cookie-file', join(dir, 'cookie'), '--policy', join(dir, 'policy.json'), '--analysis', address, '--api-listen', `unix:${dir}/api.sock`, '--metrics-listen', `127.0.0.1:${metricsPort}`, '--log-level', 'warn'], { stdio: ['ignore', 'ignore', 'inherit'] });
   children.add(agent);
   await until(() => existsSync(join(dir, 'api.sock')));
   const vm = new sim.SimVm({ vcpus: 1, seed: 2, jitterMs: 0 });
@@ -117,16 +137,22 @@ async function main() {
   const local = [];
   const PGE = 1n << 7n;
   const SMEP = 1n << 20n;
+  const s0 = await stall(metricsPort);
   for (let i = 0; i < ROUNDS; i++) ask.push(await round(PGE));
+  const s1 = await stall(metricsPort);
   cpu.cpu.sregs.cr4 |= SMEP;
   for (let i = 0; i < ROUNDS; i++) local.push(await round(SMEP)); // denied locally: SMEP stays set
+  const s2 = await stall(metricsPort);
+  // The agent's own view: event parsed → reply written (periscope_agent_vcpu_stall_seconds), mean per phase.
+  const agentStall = { askMeanUs: ((s1.sum - s0.sum) / (s1.count - s0.count)) * 1e6, localMeanUs: ((s2.sum - s1.sum) / (s2.count - s1.count)) * 1e6 };
   const defaults = vm.stats.maxReplyWaitMs;
   progress('B4: raw grpc-js bidi ping-pong to the same peer');
   const raw = await rawPingPong(address, ROUNDS);
   qemu.stop();
   agent.kill('SIGTERM');
   await new Promise((r) => agent.once('exit', r));
-  peer.kill();
+  peer.disconnect();
+  await new Promise((r) => peer.once('exit', r));
   rmSync(dir, { recursive: true, force: true });
   const a = stats(ask);
   const l = stats(local);
@@ -137,8 +163,9 @@ async function main() {
   console.log(`   ask central (sim → agent → peer → back) ${f(a.p50)}  ${f(a.p99)}   (target p99 ≤ 1000 µs)`);
   console.log(`   raw grpc-js bidi ping-pong, same peer   ${f(raw.p50)}  ${f(raw.p99)}`);
   console.log(`   local deny, same agent (no central)     ${f(l.p50)}  ${f(l.p99)}`);
+  console.log(`   agent's own stall (event parsed → reply written), mean: ask central ${agentStall.askMeanUs.toFixed(1)} µs, local deny ${agentStall.localMeanUs.toFixed(1)} µs`);
   console.log(`   longest vCPU wait seen by the simulator: ${defaults} ms`);
-  console.log(JSON.stringify({ bench: 'host-agent-link', rounds: ROUNDS, askCentral: a, rawPingPong: raw, localDeny: l, maxReplyWaitMs: defaults }));
+  console.log(JSON.stringify({ bench: 'host-agent-link', rounds: ROUNDS, askCentral: a, rawPingPong: raw, localDeny: l, agentStall, maxReplyWaitMs: defaults }));
 }
 
 if (process.argv[2] === '--peer') await peerChild();

@@ -52,7 +52,11 @@ export class HostAgent {
   constructor(private readonly opts: HostAgentOptions) {
     this.policies = new PolicyHolder(opts.policy);
     this.heki = opts.hekiListen
-      ? new HekiSink({ path: opts.hekiListen, log: opts.log, registry: this.registry, ...(opts.hekiPolicy ? { policy: opts.hekiPolicy } : {}), ...(opts.socketGid !== undefined ? { socketGid: opts.socketGid } : {}) })
+      ? new HekiSink({
+          path: opts.hekiListen, log: opts.log, registry: this.registry, ...(opts.hekiPolicy ? { policy: opts.hekiPolicy } : {}), ...(opts.socketGid !== undefined ? { socketGid: opts.socketGid } : {}),
+          // With the analysis link: analysis's per-VM completion (pushed, answered from a map) before the local policy.
+          ...(opts.link ? { decideDenial: (exit) => this.link?.heki?.decide(exit) ?? Promise.resolve(undefined) } : {}),
+        })
       : undefined;
     const r = this.registry;
     const eventsTotal = r.counter('periscope_agent_events_total', 'KVMI vCPU events received, by kind');
@@ -73,6 +77,7 @@ export class HostAgent {
           vm: (uuid) => this.listener.vms.get(uuid),
           vms: () => this.listener.vms.values(),
           log: opts.log,
+          ...(this.heki ? { heki: this.heki } : {}),
         })
       : undefined;
     const link = this.link;
@@ -117,9 +122,10 @@ export class HostAgent {
     this.policies.onSwap = (compiled) => {
       const plan = planFromPolicy(deriveInterception(compiled.policy));
       this.listener.setPlan(plan);
-      for (const vm of this.listener.vms.values()) {
-        vm.extendPlan(plan).catch((e: unknown) => opts.log('warn', `extending interception for the new policy failed: ${(e as Error).message}`, { vm: vm.uuid }));
-      }
+      // Settles when every attached VM has the new interception (the install reports ACTIVE after it).
+      return Promise.all(
+        [...this.listener.vms.values()].map((vm) => vm.extendPlan(plan).catch((e: unknown) => opts.log('warn', `extending interception for the new policy failed: ${(e as Error).message}`, { vm: vm.uuid }))),
+      );
     };
     const c = this.listener.counters;
     r.gauge('periscope_agent_vms_attached', 'VMs currently attached').track(() => this.listener.vms.size);

@@ -2,7 +2,7 @@
  * KVMI (libs/kvmi) ↔ periscope.v1 (libs/contracts) conversions used off the vCPU's critical path:
  * a received event frame → `KvmiEvent`, a central `Decision` → the KVMI reply, event ids ↔ kinds.
  */
-import { decodeEvent, events, EventAction as KvmiAction, structs, type EventKey } from '@periscope/kvmi';
+import { decodeEvent, events, EventAction as KvmiAction, structs, type EventKey, type VcpuEventView } from '@periscope/kvmi';
 import {
   CpuMode,
   DescriptorTableKind,
@@ -135,12 +135,14 @@ export function eventFromFrame(frame: Buffer, ctx: EventContext): KvmiEvent {
   };
 }
 
-/** The guest's old/new values of a CR/MSR event frame (for mapping a central decision's reply value). */
-export function crMsrValues(frame: Buffer): { old: bigint; new: bigint } | undefined {
-  const e = decodeEvent(frame);
-  if (e.kind !== 'vcpu-event' || (e.event.key !== 'CR' && e.event.key !== 'MSR') || !e.data) return undefined;
-  const d = e.data as Record<string, bigint>;
-  return { old: d['old_value']!, new: d['new_value']! };
+/**
+ * The guest's old/new values of a CR/MSR event (for mapping a central decision's reply value), read in
+ * place from the view (two u64 reads, no decode); undefined for other kinds.
+ */
+export function crMsrValues(view: VcpuEventView): { old: bigint; new: bigint } | undefined {
+  const layout = view.eventId === events.CR.id ? structs.kvmi_vcpu_event_cr : view.eventId === events.MSR.id ? structs.kvmi_vcpu_event_msr : undefined;
+  if (!layout) return undefined;
+  return { old: view.specificU64(layout, 'old_value'), new: view.specificU64(layout, 'new_value') };
 }
 
 const U64 = (1n << 64n) - 1n;

@@ -9,7 +9,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import { join } from 'node:path';
-import { events, type VcpuEventView } from '@periscope/kvmi';
+import type { VcpuEventView } from '@periscope/kvmi';
 import {
   AgentCapability,
   CommandStatus,
@@ -40,12 +40,16 @@ import {
 } from '@periscope/verdicts';
 import type { VmConnection, EventDecision } from '../vm-connection.js';
 import { actionToProto, crMsrValues, eventFromFrame, kindOfEventId, EVENT_KEY_BY_ID } from './convert.js';
+import { heldEventEncodable, writeHeldEventRequest, type HeldEventMeta } from './event-wire.js';
+import { PbWriter } from './wire.js';
 import { AgentLinkClient, type BackoffOptions, type LinkTls } from './client.js';
 import { CommandExecutor } from './command-executor.js';
 import { HeldEventRegistry, type HeldEntry, type Resolution } from './held-events.js';
 import { ReportQueue, type LinkVm, type PolicyRef } from './outbound-queue.js';
 import { PauseStore } from './pause-store.js';
 import { DetectionSpool } from './spool.js';
+import { HekiUplink } from './heki-uplink.js';
+import type { HekiSink } from '../heki/sink.js';
 
 export const AGENT_VERSION = '0.1.0';
 
@@ -76,14 +80,21 @@ export interface LinkRuntimeOptions {
   vm(uuid: string): VmConnection | undefined;
   vms(): Iterable<VmConnection>;
   log: (level: 'info' | 'warn' | 'error', msg: string, fields?: Record<string, unknown>) => void;
+  /** The Heki sink (`--heki-listen`): its state goes up the link (heki-uplink.ts). */
+  heki?: HekiSink;
 }
 
 /** The active compiled policy; swapped atomically by installs. */
 export class PolicyHolder {
   current: CompiledPolicy;
   private readonly refs = new WeakMap<CompiledPolicy, PolicyRef>();
-  /** Called after a swap (interception may have grown). */
-  onSwap: ((compiled: CompiledPolicy) => void) | undefined;
+  /**
+   * Called after a swap (interception may have grown). The promise it returns settles once the new
+   * interception is in effect on every attached VM; `applied` is that promise for the latest swap.
+   */
+  onSwap: ((compiled: CompiledPolicy) => void | Promise<unknown>) | undefined;
+  /** Settles when the interception of the latest swap is applied (installs report ACTIVE after it). */
+  applied: Promise<unknown> = Promise.resolve();
 
   constructor(policy: Policy | CompiledPolicy) {
     this.current = 'ruleIds' in policy ? policy : compilePolicy(policy);
@@ -123,7 +134,7 @@ export class PolicyHolder {
       return status(PolicyInstallState.POLICY_INSTALL_STATE_REJECTED, issues ? issues.map((i) => `${i.path}${i.ruleId ? ` (rule ${i.ruleId})` : ''}: ${i.message}`).join('; ') : (e as Error).message);
     }
     this.current = compiled;
-    this.onSwap?.(compiled);
+    this.applied = Promise.resolve(this.onSwap?.(compiled)).catch(() => undefined);
     return status(PolicyInstallState.POLICY_INSTALL_STATE_ACTIVE);
   }
 }
@@ -153,6 +164,7 @@ interface VmLinkState {
 
 const SEVERITY_PROTO = [Severity.SEVERITY_UNSPECIFIED, Severity.SEVERITY_INFO, Severity.SEVERITY_LOW, Severity.SEVERITY_MEDIUM, Severity.SEVERITY_HIGH, Severity.SEVERITY_CRITICAL];
 const NS_PER_MS = 1e6;
+const HOLD: EventDecision = { kind: 'hold' };
 const nowMs = (): number => performance.timeOrigin + performance.now();
 const msToNs = (ms: number): bigint => BigInt(Math.floor(ms * NS_PER_MS));
 
@@ -170,17 +182,34 @@ export class LinkRuntime {
   readonly pauses: PauseStore;
   readonly commands: CommandExecutor;
   readonly instanceId = randomUUID();
+  /** Heki state up the link, analysis's per-VM denial completions down (with a Heki sink only). */
+  readonly heki: HekiUplink | undefined;
   private readonly startedUnixNs = BigInt(Date.now()) * 1_000_000n;
   private readonly states = new WeakMap<VmConnection, VmLinkState>();
   private readonly allow: ReadonlySet<string>;
   private streamNo = 0;
+  /** PolicyStatus answers in install order, each after its interception is applied. */
+  private policyStatusChain: Promise<unknown> = Promise.resolve();
   private readonly pendingDetections: { vm: VmConnection; link: LinkVm; vcpu: number; ctx: ReportCtx; action: number; newVal: bigint | undefined; latencyNs: number; repliedMs: number }[] = [];
   private detectionsScheduled = false;
+  private readonly heldWriter = new PbWriter(2048);
+  private readonly heldMeta: HeldEventMeta = {
+    streamSeq: 0,
+    hostId: '',
+    vmUuid: Buffer.alloc(0),
+    sessionGeneration: 0,
+    receivedUnixNs: 0,
+    verdictDeadlineUnixNs: 0,
+    disposition: EventDisposition.EVENT_DISPOSITION_HELD,
+    ruleId: '',
+    policyVersion: 0,
+  };
   readonly stats = { verdictsLocal: 0, verdictsCentral: 0, verdictsDefault: 0, detections: 0, policyInstalls: 0, pauseControls: 0 };
 
   constructor(private readonly opts: LinkRuntimeOptions) {
     const cfg = opts.config;
     this.allow = new Set(cfg.allowCommands ?? []);
+    this.heldMeta.hostId = opts.hostId;
     this.queue = new ReportQueue({ capacity: cfg.reportQueueSize ?? 65536, maxBatch: cfg.batchMax ?? 512, hostId: opts.hostId });
     this.spool = new DetectionSpool(opts.stateDir ? join(opts.stateDir, 'spool') : undefined, cfg.spoolMaxBytes ?? 64 * 1024 * 1024, opts.log);
     this.pauses = new PauseStore(opts.stateDir);
@@ -206,6 +235,7 @@ export class LinkRuntime {
       onResponse: (r) => this.onResponse(r),
     });
     this.queue.attach(this.client);
+    this.heki = opts.heki ? new HekiUplink(opts.hostId, opts.heki, this.client) : undefined;
   }
 
   start(): void {
@@ -251,7 +281,9 @@ export class LinkRuntime {
     ctx.tier = matched ? VerdictTier.VERDICT_TIER_LOCAL : VerdictTier.VERDICT_TIER_DEFAULT;
     ctx.reason = matched ? DefaultReason.DEFAULT_REASON_UNSPECIFIED : DefaultReason.DEFAULT_REASON_NO_RULE;
     ctx.receivedMs = nowMs();
-    ctx.frame = v.reportEvent || v.severity > 0 || v.askCentral ? Buffer.from(view.frame) : null;
+    // A copy only when the frame is needed after the reply (the event reported, or a detection); the
+    // held event is encoded from the view below, while it is valid.
+    ctx.frame = v.reportEvent || v.severity > 0 ? Buffer.from(view.frame) : null;
     if (!v.askCentral) return undefined;
     ctx.report = true; // held events always leave a verdict record
     ctx.tier = VerdictTier.VERDICT_TIER_DEFAULT;
@@ -267,7 +299,22 @@ export class LinkRuntime {
       this.held.stats.holdLimit++;
       return undefined;
     }
-    const frame = ctx.frame!;
+    if (!heldEventEncodable(view.eventId)) {
+      ctx.reason = DefaultReason.DEFAULT_REASON_CENTRAL_UNAVAILABLE;
+      this.held.stats.unavailable++;
+      return undefined;
+    }
+    // Sent at once, never batched: the vCPU is waiting. Hand-encoded from the frame (event-wire.ts).
+    const w = this.heldWriter;
+    const meta = this.heldMeta;
+    meta.streamSeq = this.client.seq();
+    meta.vmUuid = st.link.uuidBytes;
+    meta.sessionGeneration = st.link.generation;
+    meta.receivedUnixNs = Math.floor(ctx.receivedMs * NS_PER_MS);
+    meta.verdictDeadlineUnixNs = Math.floor((ctx.receivedMs + v.deadlineMs) * NS_PER_MS);
+    meta.ruleId = ctx.ruleId;
+    meta.policyVersion = Number(ctx.policy.version);
+    writeHeldEventRequest(w, view.frame, view.eventId, view.specificOffset, meta);
     const newVal = v.hasNewVal ? (v.newVal ?? undefined) : undefined;
     this.held.hold({
       vm,
@@ -276,23 +323,11 @@ export class LinkRuntime {
       eventId: view.eventId,
       defaultAction: v.action,
       defaultNewVal: newVal,
-      values: view.eventId === events.CR.id || view.eventId === events.MSR.id ? crMsrValues(frame) : undefined,
+      values: crMsrValues(view),
       deadlineMs: v.deadlineMs,
     });
-    // Sent at once, never batched: the vCPU is waiting.
-    const ev = eventFromFrame(frame, {
-      hostId: this.opts.hostId,
-      vmUuid: st.link.uuidBytes,
-      sessionGeneration: BigInt(st.link.generation),
-      receivedUnixNs: msToNs(ctx.receivedMs),
-      repliedUnixNs: 0n,
-      disposition: EventDisposition.EVENT_DISPOSITION_HELD,
-      verdictDeadlineUnixNs: msToNs(ctx.receivedMs + v.deadlineMs),
-      ruleId: ctx.ruleId,
-      policyVersion: ctx.policy.version,
-    });
-    this.client.send({ $case: 'eventBatch', value: { events: [ev] } });
-    return { kind: 'hold', ...(v.ruleId ? { ruleId: v.ruleId } : {}) };
+    this.client.write(w.take());
+    return v.ruleId ? { kind: 'hold', ruleId: v.ruleId } : HOLD;
   }
 
   private onHeldResolved(e: HeldEntry, how: Resolution): void {
@@ -437,6 +472,7 @@ export class LinkRuntime {
           AgentCapability.AGENT_CAPABILITY_LOCAL_POLICY,
           AgentCapability.AGENT_CAPABILITY_ASK_CENTRAL,
           AgentCapability.AGENT_CAPABILITY_RESEND,
+          ...(this.heki ? [AgentCapability.AGENT_CAPABILITY_HEKI_SINK] : []),
         ],
         activePolicyId: c.id,
         activePolicyVersion: BigInt(c.version),
@@ -447,6 +483,7 @@ export class LinkRuntime {
   private onUp(): void {
     this.streamNo++;
     for (const vm of this.opts.vms()) if (vm.info) this.sendAttached(vm);
+    this.heki?.onUp();
     this.sendSpool();
     this.queue.flush();
   }
@@ -539,12 +576,21 @@ export class LinkRuntime {
       case 'installPolicy': {
         this.stats.policyInstalls++;
         const s = this.opts.policies.install(m.value);
-        this.opts.log(s.state === PolicyInstallState.POLICY_INSTALL_STATE_ACTIVE ? 'info' : 'warn', `policy install ${m.value.policyId} v${m.value.version}: ${PolicyInstallState[s.state]}`, s.error ? { error: s.error } : {});
-        this.client.send({ $case: 'policyStatus', value: s });
+        // ACTIVE only once the interception the policy needs is enabled on every attached VM: before that,
+        // events the new rules are about are not delivered by KVM yet (analysis would count on them).
+        const applied = s.state === PolicyInstallState.POLICY_INSTALL_STATE_ACTIVE ? this.opts.policies.applied : undefined;
+        this.policyStatusChain = this.policyStatusChain.then(() => applied).then(() => {
+          this.opts.log(s.state === PolicyInstallState.POLICY_INSTALL_STATE_ACTIVE ? 'info' : 'warn', `policy install ${m.value.policyId} v${m.value.version}: ${PolicyInstallState[s.state]}`, s.error ? { error: s.error } : {});
+          this.client.send({ $case: 'policyStatus', value: s });
+        });
         return;
       }
       case 'detectionAck':
         this.spool.ack(m.value.detectionIds);
+        this.heki?.ack(m.value.detectionIds);
+        return;
+      case 'hekiPolicy':
+        this.heki?.applyPolicy(m.value);
         return;
       case 'pauseControl':
         void this.pauseControl(m.value);
