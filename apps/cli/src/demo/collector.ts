@@ -86,6 +86,8 @@ export interface FleetSnapshot {
   readonly fresh: readonly Detection[];
   readonly firstDetection?: { readonly afterMs: number; readonly host: string; readonly rule: string; readonly action: string; readonly severity: Severity };
   readonly analysis?: AnalysisView;
+  /** The first alert analysis raised, when the demo first saw it. */
+  readonly firstAlert?: { readonly afterMs: number; readonly severity: string; readonly host: string; readonly rule: string; readonly title: string };
   /** Heki (issue #11), when the agents export it: VMs registered with their sinks, configure exits, denials. */
   readonly heki?: { readonly vms: number; readonly configureExits: number; readonly denials: number };
 }
@@ -119,6 +121,7 @@ export class FleetCollector {
   private readonly last = new Map<string, HostState>();
   private readonly recent: Detection[] = [];
   private firstDetection: FleetSnapshot['firstDetection'];
+  private firstAlert: FleetSnapshot['firstAlert'];
 
   constructor(
     private readonly plan: DemoPlan,
@@ -228,6 +231,7 @@ export class FleetCollector {
       fresh,
       ...(this.firstDetection ? { firstDetection: this.firstDetection } : {}),
       ...(analysis ? { analysis } : {}),
+      ...(this.firstAlert ? { firstAlert: this.firstAlert } : {}),
       ...(heki ? { heki } : {}),
     };
   }
@@ -241,8 +245,13 @@ export class FleetCollector {
       const h = health?.status === 200 ? (JSON.parse(health.body) as { agents?: unknown; vms?: unknown }) : {};
       if (typeof h.agents === 'number') view.agents = h.agents;
       if (typeof h.vms === 'number') view.vms = h.vms;
-      const list = alerts?.status === 200 ? (JSON.parse(alerts.body) as { alerts?: { severity?: unknown }[] }).alerts : undefined;
+      const list = alerts?.status === 200 ? (JSON.parse(alerts.body) as { alerts?: { severity?: unknown; hostId?: unknown; ruleId?: unknown; title?: unknown }[] }).alerts : undefined;
       if (Array.isArray(list)) {
+        const oldest = list[list.length - 1];
+        if (oldest && this.firstAlert === undefined) {
+          const s = (v: unknown): string => (typeof v === 'string' ? v : '');
+          this.firstAlert = { afterMs: Date.now() - this.started, severity: s(oldest.severity), host: s(oldest.hostId), rule: s(oldest.ruleId), title: s(oldest.title) };
+        }
         const by: Record<string, number> = {};
         for (const x of list) if (typeof x.severity === 'string') by[x.severity] = (by[x.severity] ?? 0) + 1;
         view.alertsBySeverity = by;

@@ -52,7 +52,7 @@ export const demoSchema = defineSchema({
   },
 });
 
-const SUMMARY = `Run a simulated fleet under attack, and Periscope stopping it. Every part is a separate process: per host one simulator (KVM + QEMU + guests running a benign workload, with attack scenarios on a loop) and one host agent answering the guests' vCPU events from its local policy; the analysis service, its dashboard and the guest agents join as they are built. The terminal shows hosts and VMs attached, events/s, verdicts by tier and detections by severity, refreshed every second (one line per second when stdout is not a terminal). Ctrl-C stops every process within 10 s and removes the run directory.
+const SUMMARY = `Run a simulated fleet under attack, and Periscope stopping it. Every part is a separate process: per host one simulator (KVM + QEMU + guests running a benign workload, with attack scenarios on a loop), one host agent answering the guests' vCPU events from its local policy, and one guest agent; one analysis service turns detections into alerts and serves the dashboard and the HTTP API the operator commands use (\`periscope alerts --server <dashboard host:port>\`). The terminal shows hosts and VMs attached, events/s, verdicts by tier, detections and alerts by severity and the dashboard URL, refreshed every second (one line per second when stdout is not a terminal). Ctrl-C stops every process within 10 s and removes the run directory.
 
 Examples:
   periscope demo                          3 hosts × 4 VMs until Ctrl-C (what \`npm start\` runs)
@@ -306,6 +306,7 @@ export async function runDemo(argv: readonly string[], opts: DemoOptions): Promi
   // ---- the live summary ---------------------------------------------------------------------------
   let drawn = 0;
   let firstShown = false;
+  let firstAlertShown = false;
   let lastSnapshot: FleetSnapshot | undefined;
   const draw = (s: FleetSnapshot, stopping = false): void => {
     if (json) {
@@ -321,6 +322,10 @@ export async function runDemo(argv: readonly string[], opts: DemoOptions): Promi
     if (s.firstDetection && !firstShown) {
       firstShown = true;
       out(`first detection ${(s.firstDetection.afterMs / 1000).toFixed(1)} s after start: ${detectionText(s.firstDetection)}`);
+    }
+    if (s.firstAlert && !firstAlertShown) {
+      firstAlertShown = true;
+      out(`first alert ${(s.firstAlert.afterMs / 1000).toFixed(1)} s after start: ${s.firstAlert.host} ${s.firstAlert.rule}, ${s.firstAlert.severity}: ${s.firstAlert.title}`);
     }
     for (const d of s.fresh) out(`detection: ${detectionText(d)}${d.count > 1 ? ` ×${d.count}` : ''}`);
     out(renderLine(s));

@@ -17,6 +17,8 @@ export type Role = 'analysis' | 'host-agent' | 'sim' | 'guest-agent';
 export type ReadyCheck =
   | { readonly kind: 'unix-http'; readonly socket: string; readonly path: string }
   | { readonly kind: 'http'; readonly url: string }
+  /** A Unix socket file exists (its server listens): e.g. the simulator's /dev/kvmmem the guest agent opens at start. */
+  | { readonly kind: 'unix-socket'; readonly path: string }
   | { readonly kind: 'started' };
 
 export interface ProcessSpec {
@@ -204,7 +206,9 @@ export function planDemo(input: PlanInput): DemoPlan {
         ...(guestAgents ? ['--kvmmem-listen', kvmmem] : []),
         ...(heki ? ['--heki-sink', `unix:${join(dir, 'heki.sock')}`] : []),
       ],
-      ready: { kind: 'started' },
+      // The guest agent opens the simulated /dev/kvmmem once at start (and exits 1 when it is not there
+      // yet), so with a guest agent the simulator is ready when that socket listens.
+      ready: guestAgents ? { kind: 'unix-socket', path: kvmmem } : { kind: 'started' },
       after: [`${id}/agent`],
       stopPhase: 1,
     });

@@ -105,12 +105,18 @@ export function renderScreen(s: FleetSnapshot, ctx: ScreenContext, colour: boole
       ? SEVERITY_ORDER.map((x) => `${x} ${num(a.alertsBySeverity?.[x] ?? 0)}`).join(' · ')
       : 'none yet';
     lines.push(`${label('alerts')}${a.up ? alerts : p.yellow('analysis not answering')}${a.agents !== undefined ? p.dim(` (analysis: ${a.agents} agents linked, ${a.vms ?? 0} VMs)`) : ''}`);
+    if (s.firstAlert) lines.push(`${' '.repeat(12)}${p.dim(`first ${(s.firstAlert.afterMs / 1000).toFixed(1)} s after start: `)}${s.firstAlert.host} ${s.firstAlert.rule}, ${severityPaint(p, s.firstAlert.severity as Severity)(s.firstAlert.severity)}`);
     lines.push(`${label('dashboard')}${p.bold(p.cyan(a.url))}`);
   }
   lines.push(`${label('attacks')}${p.dim(`on one VM per host, every ${Math.round(ctx.attackIntervalMs / 1000)} s: ${ctx.scenarios.join(', ')}`)}`);
   for (const n of ctx.notRunning) lines.push(`${label('not running')}${p.dim(`${n.part}: ${n.why}`)}`);
   lines.push(`${label('run dir')}${p.dim(`${ctx.runDir} (logs in ${ctx.logDir})`)}`);
   return lines;
+}
+
+function alertsLine(by: Readonly<Record<string, number>>): string {
+  const parts = SEVERITY_ORDER.filter((x) => (by[x] ?? 0) > 0).map((x) => `${x} ${by[x]}`);
+  return parts.length > 0 ? parts.join(' ') : 'none';
 }
 
 /** One line per tick (not a terminal). */
@@ -122,7 +128,7 @@ export function renderLine(s: FleetSnapshot): string {
   return (
     `[${clock(s.uptimeMs)}] hosts ${s.hostsUp}/${s.hosts.length} · VMs ${s.vmsAttached}/${s.vmsExpected} · ${Math.round(s.eventsPerSecond)} events/s · ` +
     `verdicts local ${t.local} default ${t.default} central ${t.central} · detections ${sev === '' ? 'none' : sev} · blocked ${s.blocked}` +
-    (s.analysis?.alertsBySeverity ? ` · alerts ${Object.values(s.analysis.alertsBySeverity).reduce((x, y) => x + y, 0)}` : '') +
+    (s.analysis?.alertsBySeverity ? ` · alerts ${alertsLine(s.analysis.alertsBySeverity)}` : '') +
     (s.analysis ? ` · dashboard ${s.analysis.url}` : '')
   );
 }

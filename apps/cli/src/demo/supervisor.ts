@@ -5,7 +5,7 @@
  * (SIGTERM to the group, SIGKILL after a grace period), within an overall budget.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { createWriteStream, existsSync, type WriteStream } from 'node:fs';
+import { createWriteStream, existsSync, statSync, type WriteStream } from 'node:fs';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { httpGet } from './http.js';
@@ -205,6 +205,13 @@ function signalGroup(c: Child, signal: NodeJS.Signals): void {
 /** One readiness probe: any HTTP answer counts. */
 export async function probe(check: ReadyCheck, timeoutMs = 1000): Promise<boolean> {
   if (check.kind === 'started') return true;
+  if (check.kind === 'unix-socket') {
+    try {
+      return statSync(check.path).isSocket();
+    } catch {
+      return false;
+    }
+  }
   const target = check.kind === 'unix-http' ? { socket: check.socket, path: check.path } : { url: check.url };
   return (await httpGet(target, timeoutMs)) !== null;
 }
