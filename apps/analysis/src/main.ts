@@ -10,6 +10,8 @@ import { dirname, join } from 'node:path';
 import { ConfigError, defineSchema, loadConfig, networkOptions, parseAddress } from '@periscope/config';
 import { Analysis, AnalysisError, type AnalysisOptions } from '@periscope/analysis';
 
+export { SHIPPED_POLICY_DIR } from '@periscope/analysis';
+
 export const analysisSchema = defineSchema({
   options: {
     ...networkOptions,

@@ -25,3 +25,5 @@ export { alertJson } from './sinks.js';
 export type { WebhookOptions } from './sinks.js';
 export { HekiTracker, HEKI_STATUS_TEXT, CORRELATION_WINDOW_MS, type HekiStatus, type HekiVmRecord } from './heki.js';
 export { validateHekiModule, hekiBitNames, HEKI_CR0_BITS, HEKI_CR4_BITS, type HekiModuleParams, type HekiDenialResponse } from './heki-policy.js';
+/** The shipped fleet policy directory (`policies/fleet-default.yaml`): what `periscope demo` imports with `--policy`. */
+export const SHIPPED_POLICY_DIR: string = new URL('../policies', import.meta.url).pathname;

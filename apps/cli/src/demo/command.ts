@@ -15,6 +15,7 @@ import { hostAgentSchema } from '@periscope/app-host-agent';
 import { defineSchema, formatDuration, loadConfig } from '@periscope/config';
 import { shippedScenarioFiles, simSchema } from '@periscope/simulator';
 import { DEFAULT_POLICY_PATH, loadPolicyFile, type Policy } from '@periscope/verdicts';
+import { SHIPPED_POLICY_DIR } from '@periscope/app-analysis';
 
 import { FleetCollector, ruleInfo, type FleetSnapshot } from './collector.js';
 import { MAX_SOCKET_PATH, longSocketPaths, planDemo, portsNeeded, type DemoPlan } from './plan.js';
@@ -218,6 +219,7 @@ export async function runDemo(argv: readonly string[], opts: DemoOptions): Promi
       attackIntervalMs: v['attack-interval'],
       attackDelayMs: v['attack-delay'],
       policy: policyPath,
+      analysisPolicyDir: SHIPPED_POLICY_DIR,
       seed: v.seed,
       commands: opts.commands,
       simFlags: new Set(Object.keys(simSchema.options)),

@@ -87,6 +87,8 @@ export interface PlanInput {
   /** Wait after attach before the first pass on host 1; later hosts are staggered over the interval. */
   readonly attackDelayMs: number;
   readonly policy: string;
+  /** Fleet policy directory analysis imports (`--policy DIR`); absent = analysis starts with none. */
+  readonly analysisPolicyDir?: string;
   readonly seed: number;
   /** `periscope` subcommands that exist (the APPS table). */
   readonly commands: ReadonlySet<string>;
@@ -130,7 +132,10 @@ export function planDemo(input: PlanInput): DemoPlan {
       name: 'analysis',
       role: 'analysis',
       command: 'analysis',
-      args: ['--db', `pglite:${join(runDir, 'analysis-db')}`, '--listen', analysis.listen, '--http', analysis.http],
+      args: [
+        '--db', `pglite:${join(runDir, 'analysis-db')}`, '--listen', analysis.listen, '--http', analysis.http,
+        ...(input.analysisPolicyDir ? ['--policy', input.analysisPolicyDir] : []),
+      ],
       ready: { kind: 'http', url: `http://${http}/healthz` },
       readyTimeoutMs: 60_000, // migrations on a fresh PGlite directory
       after: [],
