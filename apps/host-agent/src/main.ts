@@ -35,6 +35,7 @@ export const hostAgentSchema = defineSchema({
     'heki-denial': { kind: 'enum', values: ['reenter', 'stop'], default: 'reenter', description: 'how a Heki denial is completed: reenter (KVM injects #GP(0)) or stop (the VMM stops the VM)' },
     'api-listen': { kind: 'address', description: 'local API for the CLI (unix:PATH)' },
     'metrics-listen': { kind: 'address', description: 'HOST:PORT for Prometheus /metrics and /healthz' },
+    'health-listen': { kind: 'address', description: 'HOST:PORT for grpc.health.v1 (plaintext, health only; for kubelet gRPC probes)' },
     'log-level': { kind: 'enum', values: ['debug', 'info', 'warn', 'error'], default: 'info', description: 'least severe log level written (JSON lines on stderr)' },
   },
 });
@@ -63,6 +64,7 @@ export async function runHostAgent(argv: string[]): Promise<number> {
   let kvmiPaths: string[];
   let apiPath: string | undefined;
   let hekiListen: string | undefined;
+  let health: { host: string; port: number } | undefined;
   let metrics: { host: string; port: number } | undefined;
   try {
     kvmiPaths = v['kvmi-listen'].map(unixPath);
@@ -78,6 +80,11 @@ export async function runHostAgent(argv: string[]): Promise<number> {
       const a = parseAddress(v['metrics-listen']);
       if (!a || a.kind !== 'tcp' || a.port === undefined) throw new ConfigError('invalid-value', `--metrics-listen must be HOST:PORT, got ${v['metrics-listen']}`, { key: 'metrics-listen' });
       metrics = { host: a.host, port: a.port };
+    }
+    if (v['health-listen']) {
+      const a = parseAddress(v['health-listen']);
+      if (!a || a.kind !== 'tcp' || a.port === undefined) throw new ConfigError('invalid-value', `--health-listen must be HOST:PORT, got ${v['health-listen']}`, { key: 'health-listen' });
+      health = { host: a.host, port: a.port };
     }
   } catch (e) {
     if (e instanceof ConfigError || e instanceof CookieFileError || e instanceof VerdictsError) {
@@ -113,6 +120,7 @@ export async function runHostAgent(argv: string[]): Promise<number> {
     log,
     ...(v['socket-group'] !== undefined ? { socketGid: v['socket-group'] } : {}),
     ...(metrics ? { metricsListen: metrics } : {}),
+    ...(health ? { healthListen: health } : {}),
     ...(apiPath ? { apiPath } : {}),
     ...(link ? { link } : {}),
     ...(v['state-dir'] ? { stateDir: v['state-dir'] } : {}),

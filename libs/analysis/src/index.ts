@@ -19,7 +19,7 @@ export { buildHostPolicy, parseRuleId, protectedRanges, LOCAL_POLICY_ID, type Ex
 export { ProfileRegistry, sectionGpaRange, symbolRipRange, pagesOf, type KernelFacts } from './profiles.js';
 export { TECHNIQUES, techniqueOf, renderTechniqueTable, type Technique } from './techniques.js';
 export { MAX_PAGE_ACCESS_BATCH, PROTECTED_ACCESS } from './kci.js';
-export { HealthService, ServingStatus } from './health.js';
+export { HealthService, ServingStatus } from '@periscope/contracts';
 export { MemoryService, MemoryRouter, GuestAgentAccess, ReadPhysicalAccess, MemoryAccessError, HOST_LACKS_GET_MAP_TOKEN, DEFAULT_REHASH_SECONDS, KernelIntegrity, parseRanges, type AccessPath, type MemoryAccess, type MemRange, type IntegrityStatus, type IntegrityMismatch, type BreakpointSource, type PlantedByte } from './memory/index.js';
 export { alertJson } from './sinks.js';
 export type { WebhookOptions } from './sinks.js';

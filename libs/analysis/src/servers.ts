@@ -21,7 +21,7 @@ import {
   type LinkResponse,
 } from '@periscope/contracts';
 import { AnalysisError, isAnalysisError } from './errors.js';
-import { healthImplementation, HealthService } from './health.js';
+import { healthImplementation, HealthService } from '@periscope/contracts';
 import { AgentSession } from './link.js';
 import { handleMemoryHttp } from './memory/http.js';
 import type { ExceptionSpec } from './modules.js';
@@ -29,7 +29,7 @@ import type { ModuleName } from './policy.js';
 import type { Analysis, TlsMaterial } from './service.js';
 import { alertJson, jsonReplacer } from './sinks.js';
 import { serveStatic } from './static.js';
-import { startHealthServer, type HealthServer } from './health-server.js';
+import { startHealthServer, type HealthServer } from '@periscope/contracts';
 import { watchAlertsImplementation } from './alert-watch.js';
 import { SEVERITY_NAMES, severityNumber, type AlertFilter, type AlertRecord, type SeverityName } from './store.js';
 

@@ -18,3 +18,5 @@ export { ContractError, type ContractErrorCode } from './errors.js';
 export { UUID_BYTE_LENGTH, uuidFromBytes, uuidToBytes } from './uuid.js';
 export { U64_MAX, checkU64, isU64 } from './u64.js';
 export { eventKindOf, eventKindOfCase, type KvmiEventPayloadCase } from './events.js';
+export { HealthService, healthImplementation, ServingStatus, type HealthCheckRequest, type HealthCheckResponse } from './health.js';
+export { startHealthServer, type HealthServer } from './health-server.js';

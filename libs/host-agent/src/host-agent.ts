@@ -2,6 +2,7 @@
  * The host agent, composed: KVMI listener + compiled local rules + metrics + local API.
  * `apps/host-agent` only parses configuration and calls `HostAgent.start()` / `stop()`.
  */
+import { startHealthServer, type HealthServer } from '@periscope/contracts';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { existsSync, unlinkSync } from 'node:fs';
 import { events } from '@periscope/kvmi';
@@ -25,6 +26,8 @@ export interface HostAgentOptions {
   socketGid?: number;
   /** `host:port` for /metrics and /healthz. */
   metricsListen?: { host: string; port: number };
+  /** `host:port` for `grpc.health.v1` (plaintext, health only: kubelet gRPC probes). SERVING while the KVMI listener runs. */
+  healthListen?: { host: string; port: number };
   /** Unix socket path for the local API (CLI). */
   apiPath?: string;
   /** Unix socket path for the VMMs' Heki sink (`--heki-listen`); its local policy. */
@@ -43,6 +46,12 @@ export class HostAgent {
   readonly registry = new Registry();
   readonly listener: KvmiListener;
   private metricsServer: Server | undefined;
+  private healthServer: HealthServer | undefined;
+  private serving = false;
+  /** The gRPC health port actually bound (`healthListen` with port 0 picks one). */
+  get healthPort(): number | undefined {
+    return this.healthServer?.port;
+  }
   private apiServer: Server | undefined;
   readonly policies: PolicyHolder;
   readonly link: LinkRuntime | undefined;
@@ -169,6 +178,11 @@ export class HostAgent {
 
   async start(): Promise<void> {
     await this.listener.start();
+    this.serving = true;
+    if (this.opts.healthListen) {
+      this.healthServer = await startHealthServer(this.opts.healthListen, ['periscope.agent'], () => this.serving);
+      this.opts.log('info', 'grpc.health.v1 listening', { address: this.healthServer.address });
+    }
     await this.heki?.start();
     this.link?.start();
     if (this.opts.metricsListen) {
@@ -187,10 +201,12 @@ export class HostAgent {
 
   /** SIGTERM: detach every VM (guest restored), then stop serving. */
   async stop(deadlineMs = 1000): Promise<void> {
+    this.serving = false;
     this.link?.stop();
     await this.listener.stop(deadlineMs);
     await this.heki?.stop();
     await Promise.all([this.metricsServer, this.apiServer].map((s) => (s ? new Promise<void>((r) => s.close(() => r())) : undefined)));
+    await this.healthServer?.close();
   }
 
   private serveMetrics(req: IncomingMessage, res: ServerResponse): void {
