@@ -13,7 +13,7 @@ import { GuestMemoryServiceService } from '@periscope/contracts';
 import { GuestMemoryHub } from '@periscope/guest-agent';
 import { afterEach, describe, expect, it } from 'vitest';
 
-import { sockPath, startSimHost, until } from './support.js';
+import { sockPath, startSimHost, until } from '@periscope/testing';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const entry = join(here, '../dist/main.js');

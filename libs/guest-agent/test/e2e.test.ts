@@ -12,7 +12,7 @@ import { GuestMemoryServiceService, MemoryErrorCode } from '@periscope/contracts
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { connectSimKvmmem, GuestAgent, GuestMemoryHub, GuestMemoryWorkError, type GuestAgentLink } from '../src/index.js';
-import { sockPath, startSimHost, until, type SimHost } from './support/host.js';
+import { sockPath, startSimHost, until, type SimHost } from '@periscope/testing';
 
 /** Read the RAM file directly (an oracle independent of the simulator's and the agent's code). */
 function ramBytes(path: string, gpa: bigint, length: number): Buffer {

@@ -9,7 +9,7 @@ import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { connectSimKvmmem, GuestAgentError, KvmmemError, PageQuota, VmMemorySession, type KvmmemDevice } from '../src/index.js';
-import { startSimHost, type SimHost } from './support/host.js';
+import { startSimHost, type SimHost } from '@periscope/testing';
 
 const errnoOf = async (p: Promise<unknown>): Promise<string> => {
   try {

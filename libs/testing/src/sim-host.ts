@@ -1,6 +1,5 @@
 /**
- * (A copy of libs/guest-agent/test/support/host.ts: a project's tests stay inside its rootDir.)
- * A simulated host for guest-agent tests: the simulator's VMs (KVM + QEMU + guest RAM files) connected to
+ * A simulated host for guest-agent tests (the library's and the app's): the simulator's VMs (KVM + QEMU + guest RAM files) connected to
  * a KVMI tool socket held here with `@periscope/kvmi`'s session (as the host agent holds them; map tokens
  * come from real GET_MAP_TOKEN commands), plus the simulated `/dev/kvmmem` on its own Unix socket.
  */
@@ -13,7 +12,13 @@ import { join } from 'node:path';
 import { acceptQemuHandshake, KvmiSession, structs, type QemuHello } from '@periscope/kvmi';
 import { KvmmemServer, Simulator, type SimVm } from '@periscope/simulator';
 
-import type { TokenSource, VmRef } from '@periscope/guest-agent';
+/** A VM session as the guest agent's hub names it (structurally @periscope/guest-agent's `VmRef`). */
+export interface VmRef {
+  readonly uuid: Uint8Array;
+  readonly generation: bigint;
+}
+/** Map tokens on demand (structurally @periscope/guest-agent's `TokenSource`). */
+export type TokenSource = (count: number) => Promise<Uint8Array[]>;
 
 export function sockPath(tag: string): string {
   return join(tmpdir(), `ga-${tag}-${process.pid}-${randomBytes(3).toString('hex')}.sock`);
