@@ -106,9 +106,12 @@ export async function runAgentKill(opts: AgentKillOptions): Promise<AgentKillRep
       const t0 = performance.now();
       await agent.kill9();
       await agent.start();
+      // Only a denial after the restart proves re-protection: a write in flight at the kill may still have
+      // been denied by the dying agent just after t0.
+      const tRestart = performance.now();
       // Re-protected: every VM hooked and denying again after the restart. Writes that went through
       // before a VM's first denial after the restart are that VM's fail-open window.
-      const ok = await waitFor(() => vms.every((v) => v.hooked && state.get(v)!.lastDeniedAt > t0), 20_000);
+      const ok = await waitFor(() => vms.every((v) => v.hooked && state.get(v)!.lastDeniedAt > tRestart), 20_000);
       const reprotectMs = Math.round(Math.max(...[...state.values()].map((st) => st.lastDeniedAt)) - t0);
       if (!ok) failures.push(`kill ${k + 1}: VMs not re-protected within 20 s (${vms.filter((v) => v.hooked).length}/${vms.length} hooked)`);
       let failOpen = 0;
