@@ -13,7 +13,12 @@ export type AnalysisErrorCode =
   | 'command-timeout'
   | 'link-closed'
   | 'unauthorized'
-  | 'compile-failed';
+  | 'compile-failed'
+  | 'not-attached'
+  | 'refused'
+  | 'unsupported'
+  | 'conflict'
+  | 'internal';
 
 export interface PolicyIssue {
   /** Where in the document, e.g. `modules.cr-pinning.cr4[1]`. */

@@ -27,3 +27,4 @@ export { HekiTracker, HEKI_STATUS_TEXT, CORRELATION_WINDOW_MS, type HekiStatus, 
 export { validateHekiModule, hekiBitNames, HEKI_CR0_BITS, HEKI_CR4_BITS, type HekiModuleParams, type HekiDenialResponse } from './heki-policy.js';
 /** The shipped fleet policy directory (`policies/fleet-default.yaml`): what `periscope demo` imports with `--policy`. */
 export const SHIPPED_POLICY_DIR: string = new URL('../policies', import.meta.url).pathname;
+export { VmOperations, errorJson, errorFromJson, type OperationContext, type OperationHandler, type RemoteRunner, type JsonObject, type JsonValue } from './operations.js';

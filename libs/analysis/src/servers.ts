@@ -11,7 +11,6 @@ import { Server, ServerCredentials, status as GrpcStatus, type Metadata, type se
 import {
   AgentLinkServiceService,
   AlertState,
-  CommandStatus,
   GuestMemoryServiceService,
   OperatorServiceService,
   uuidFromBytes,
@@ -136,7 +135,7 @@ export function alertToProto(x: AlertRecord): Alert {
 
 function grpcError(e: unknown): { code: GrpcStatus; details: string } {
   if (isAnalysisError(e)) {
-    const code = e.code === 'not-found' ? GrpcStatus.NOT_FOUND : e.code === 'bad-policy' || e.code === 'bad-request' ? GrpcStatus.INVALID_ARGUMENT : e.code === 'unauthorized' ? GrpcStatus.UNAUTHENTICATED : GrpcStatus.INTERNAL;
+    const code = e.code === 'not-found' ? GrpcStatus.NOT_FOUND : e.code === 'bad-policy' || e.code === 'bad-request' ? GrpcStatus.INVALID_ARGUMENT : e.code === 'unauthorized' ? GrpcStatus.UNAUTHENTICATED : e.code === 'refused' ? GrpcStatus.PERMISSION_DENIED : e.code === 'not-attached' || e.code === 'conflict' ? GrpcStatus.FAILED_PRECONDITION : e.code === 'unsupported' ? GrpcStatus.UNIMPLEMENTED : e.code === 'command-timeout' ? GrpcStatus.DEADLINE_EXCEEDED : GrpcStatus.INTERNAL;
     return { code, details: e.message };
   }
   return { code: GrpcStatus.INTERNAL, details: (e as Error).message };
@@ -230,7 +229,6 @@ class HttpError extends Error {
   }
 }
 
-const commandStatusName = (v: CommandStatus): string => (CommandStatus[v] ?? String(v)).replace('COMMAND_STATUS_', '').toLowerCase();
 
 function send(res: ServerResponse, status: number, body: unknown): void {
   res.writeHead(status, { 'content-type': 'application/json' }).end(JSON.stringify(body, jsonReplacer));
@@ -334,16 +332,9 @@ async function handleHttp(a: Analysis, req: IncomingMessage, res: ServerResponse
       const body = await readJson(req);
       const vm = await a.store.findVm(decodeURIComponent(m[1]!));
       if (!vm) throw new HttpError(404, 'not-found', `no VM ${m[1]}`);
-      const live = a.liveVms.get(vm.uuid);
-      if (!live) throw new HttpError(409, 'not-attached', `VM ${vm.name} (${vm.uuid}) has no agent linked to this replica: cannot ${m[2]} it now`);
       const paused = m[2] === 'pause';
-      const r = await live.session.pauseControl(live, paused, typeof body['by'] === 'string' ? body['by'] : 'operator');
-      const status = commandStatusName(r.status);
-      if (r.status === CommandStatus.COMMAND_STATUS_OK || r.status === CommandStatus.COMMAND_STATUS_VM_NOT_ATTACHED) {
-        return send(res, r.status === CommandStatus.COMMAND_STATUS_OK ? 200 : 202, { vm: { uuid: vm.uuid, name: vm.name, hostId: live.hostId }, paused, status, message: r.message });
-      }
-      if (r.status === CommandStatus.COMMAND_STATUS_REFUSED_BY_AGENT_POLICY) throw new HttpError(403, 'refused', `the agent on ${live.hostId} refused: ${r.message}`);
-      throw new HttpError(502, 'command-failed', `${m[2]} ${vm.name}: ${status}${r.message ? ` (${r.message})` : ''}`);
+      const r = await a.operations.run(vm.uuid, m[2]!, {}, typeof body['by'] === 'string' ? body['by'] : 'operator');
+      return send(res, r['status'] === 'ok' ? 200 : 202, { vm: { uuid: vm.uuid, name: vm.name, hostId: r['hostId'] }, paused, status: r['status'], message: r['message'] });
     }
     if (path === '/v1/alerts' && method === 'GET') {
       const f = alertFilter(url.searchParams);
@@ -453,7 +444,7 @@ async function handleHttp(a: Analysis, req: IncomingMessage, res: ServerResponse
     }
     if (e instanceof HttpError) return send(res, e.status, { error: { code: e.code, message: e.message, issues: e.issues } });
     if (isAnalysisError(e)) {
-      const status = e.code === 'not-found' ? 404 : e.code === 'bad-policy' || e.code === 'bad-request' || e.code === 'compile-failed' ? 400 : e.code === 'unauthorized' ? 401 : 500;
+      const status = e.code === 'not-found' ? 404 : e.code === 'bad-policy' || e.code === 'bad-request' || e.code === 'compile-failed' ? 400 : e.code === 'unauthorized' ? 401 : e.code === 'refused' ? 403 : e.code === 'not-attached' || e.code === 'conflict' ? 409 : e.code === 'unsupported' ? 501 : e.code === 'command-failed' ? 502 : e.code === 'command-timeout' ? 504 : 500;
       return send(res, status, { error: { code: e.code, message: e.message, issues: e.issues } });
     }
     return send(res, 500, { error: { code: 'internal', message: (e as Error).message } });

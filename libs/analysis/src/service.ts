@@ -8,7 +8,7 @@ import { randomUUID } from 'node:crypto';
 import { readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { hostname } from 'node:os';
-import { Decision, EventAction, LocalPolicy, uuidFromBytes, VerdictTier, EventDisposition, type Detection, type LinkRequest } from '@periscope/contracts';
+import { CommandStatus, Decision, EventAction, LocalPolicy, uuidFromBytes, VerdictTier, EventDisposition, type Detection, type LinkRequest } from '@periscope/contracts';
 import { openDb, type Db } from './db.js';
 import { AnalysisError } from './errors.js';
 import { draftFromDetection, hex } from './evidence.js';
@@ -25,6 +25,7 @@ import { startServers, type Servers } from './servers.js';
 import { HekiTracker } from './heki.js';
 import { MemoryService } from './memory/index.js';
 import { STATUS_KEY as MEMORY_STATUS_KEY } from './memory/integrity.js';
+import { VmOperations } from './operations.js';
 
 export type LogLevel = 'debug' | 'info' | 'warn' | 'error';
 export type Log = (level: LogLevel, msg: string, fields?: Record<string, unknown>) => void;
@@ -95,6 +96,8 @@ export class Analysis implements LinkHandler {
   readonly heki: HekiTracker;
   /** Guest memory: the guest agents' hub, routing, kernel integrity hashing (memory/). */
   readonly memory: MemoryService;
+  /** Operations on a VM, run on the replica that owns it (operations.ts; cross-replica routing: replicas.ts). */
+  readonly operations = new VmOperations((uuid) => this.liveVms.get(uuid));
   private readonly bus = new EventEmitter();
   private policies: StoredPolicy[] = [];
   private exceptions: ExceptionSpec[] = [];
@@ -131,6 +134,7 @@ export class Analysis implements LinkHandler {
       held: r.counter('periscope_analysis_central_verdicts_total', 'held events answered by analysis'),
       flushes: r.counter('periscope_analysis_counter_flushes_total', 'counter flushes to the database'),
     };
+    this.registerVmOperations();
     r.gauge('periscope_analysis_agents_connected', 'agent links up on this replica').track(() => this.sessions.size);
     r.gauge('periscope_analysis_vms_attached', 'VMs attached through this replica').track(() => this.liveVms.size);
   }
@@ -439,6 +443,23 @@ export class Analysis implements LinkHandler {
       await this.pushPolicy(vm.session);
     }
     this.heki.refresh();
+  }
+
+  // ---------------------------------------------------------------- VM operations
+  private registerVmOperations(): void {
+    // Pause / resume: VmPauseControl to the owning agent, which persists the state and re-applies it when the
+    // VM re-attaches (OK, or VM_NOT_ATTACHED: persisted, applied at attach).
+    for (const paused of [true, false]) {
+      this.operations.register(paused ? 'pause' : 'resume', async ({ vm, by }) => {
+        const r = await vm.session.pauseControl(vm, paused, by);
+        const status = enumName.commandStatus(r.status);
+        if (r.status === CommandStatus.COMMAND_STATUS_REFUSED_BY_AGENT_POLICY) throw new AnalysisError('refused', `the agent on ${vm.hostId} refused: ${r.message}`);
+        if (r.status !== CommandStatus.COMMAND_STATUS_OK && r.status !== CommandStatus.COMMAND_STATUS_VM_NOT_ATTACHED) {
+          throw new AnalysisError('command-failed', `${paused ? 'pause' : 'resume'} ${vm.name}: ${status}${r.message ? ` (${r.message})` : ''}`);
+        }
+        return { status, message: r.message, hostId: vm.hostId };
+      });
+    }
   }
 
   // ---------------------------------------------------------------- link handlers
