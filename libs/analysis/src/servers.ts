@@ -182,8 +182,24 @@ function operatorImplementation(a: Analysis, token: string | undefined, watches:
       policies: a.currentPolicies().map((p) => ({ policy: { policyId: p.name, version: p.version, rules: [], exceptions: [], maxAskCentralDeadlineMs: 0, maxHeldEvents: 0, verdictsDocument: '' }, target: { hostIds: [...p.spec.select.hosts] }, description: p.spec.description, createdBy: p.createdBy, createdUnixNs: p.createdNs, hostsActive: 0, hostsTargeted: 0 })),
       nextPageToken: '',
     })),
-    applyPolicy: unary(async () => {
-      throw new AnalysisError('bad-request', 'policies are periscope.policy/v1 YAML documents: POST them to the HTTP API (/v1/policies) or use --policy DIR');
+    applyPolicy: unary(async (req: { document: string; policy?: unknown; expectedVersion: bigint; validateOnly: boolean; reason: string }, md) => {
+      if (!req.document) {
+        throw new AnalysisError('bad-request', req.policy
+          ? 'ApplyPolicyRequest.policy (a typed LocalPolicy) is what analysis compiles and pushes to agents; apply a periscope.policy/v1 document in ApplyPolicyRequest.document instead'
+          : 'ApplyPolicyRequest.document is empty: give a periscope.policy/v1 document (YAML or JSON)');
+      }
+      const actor = String(md.get('x-periscope-actor')[0] ?? 'operator');
+      const stored = (name: string, version: bigint, description: string, createdBy: string, createdNs: bigint, hosts: readonly string[]) => ({
+        policy: { policyId: name, version, rules: [], exceptions: [], maxAskCentralDeadlineMs: 0, maxHeldEvents: 0, verdictsDocument: '' },
+        target: { hostIds: [...hosts] }, description, createdBy, createdUnixNs: createdNs, hostsActive: 0, hostsTargeted: 0,
+      });
+      if (req.validateOnly) {
+        const spec = a.checkPolicy(req.document, 'request');
+        return { policy: stored(spec.name, 0n, spec.description, actor, 0n, spec.select.hosts), warnings: [] };
+      }
+      const r = await a.applyPolicy(req.document, { source: 'grpc', createdBy: actor, expectedVersion: req.expectedVersion });
+      const p = r.policy;
+      return { policy: stored(p.name, p.version, p.spec.description, p.createdBy, p.createdNs, p.spec.select.hosts), warnings: r.changed ? [] : [`policy ${p.name} unchanged: version ${p.version} kept`] };
     }),
     listExceptions: unary(async (req: { policyId: string; includeExpired: boolean }) => ({
       exceptions: (await a.store.listExceptions({ policy: req.policyId, includeExpired: req.includeExpired })).map((e) => ({

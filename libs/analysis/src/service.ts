@@ -239,17 +239,23 @@ export class Analysis implements LinkHandler {
   }
 
   /** Validate and store a policy document (YAML/JSON); a new version only when it changed. */
-  async applyPolicy(text: string, o: { source?: string; createdBy?: string; refresh?: boolean } = {}): Promise<{ policy: StoredPolicy; changed: boolean }> {
-    const spec = parsePolicyDocument(text, o.source ?? 'policy');
-    if (!this.profiles.get(spec.profile)) {
-      throw new AnalysisError('bad-policy', `${o.source ?? 'policy'}: profile: unknown guest OS profile ${JSON.stringify(spec.profile)} (known: ${this.profiles.names().join(', ')})`, {
-        issues: [{ path: 'profile', message: `unknown guest OS profile (known: ${this.profiles.names().join(', ')})` }],
-      });
-    }
-    const r = await this.store.putPolicy(spec, text, o.source ?? 'api', o.createdBy ?? 'api');
+  async applyPolicy(text: string, o: { source?: string; createdBy?: string; refresh?: boolean; expectedVersion?: bigint } = {}): Promise<{ policy: StoredPolicy; changed: boolean }> {
+    const spec = this.checkPolicy(text, o.source ?? 'policy');
+    const r = await this.store.putPolicy(spec, text, o.source ?? 'api', o.createdBy ?? 'api', o.expectedVersion);
     if (r.changed) this.log('info', 'policy stored', { name: spec.name, version: r.policy.version.toString(), source: o.source });
     if (r.changed && o.refresh !== false) await this.refresh();
     return r;
+  }
+
+  /** Parse and validate a policy document (its profile must be known) without storing it. */
+  checkPolicy(text: string, source = 'policy'): PolicySpec {
+    const spec = parsePolicyDocument(text, source);
+    if (!this.profiles.get(spec.profile)) {
+      throw new AnalysisError('bad-policy', `${source}: profile: unknown guest OS profile ${JSON.stringify(spec.profile)} (known: ${this.profiles.names().join(', ')})`, {
+        issues: [{ path: 'profile', message: `unknown guest OS profile (known: ${this.profiles.names().join(', ')})` }],
+      });
+    }
+    return spec;
   }
 
   async deletePolicy(name: string, by = 'api'): Promise<void> {

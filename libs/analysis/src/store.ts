@@ -500,11 +500,21 @@ export class Store {
 
   // ---- policies ----
   /** Store a new version unless the latest one is identical (idempotent import). */
-  async putPolicy(spec: PolicySpec, document: string, source: string, createdBy: string): Promise<{ policy: StoredPolicy; changed: boolean }> {
+  /**
+   * Store a new version when the document changed. `expectedVersion` (optimistic concurrency): the version
+   * the caller edited, 0n = the policy must not exist yet; a mismatch throws `conflict`.
+   */
+  async putPolicy(spec: PolicySpec, document: string, source: string, createdBy: string, expectedVersion?: bigint): Promise<{ policy: StoredPolicy; changed: boolean }> {
     const digest = specDigest(spec);
     return this.db.transaction(async (tx) => {
       await tx.query('SELECT pg_advisory_xact_lock(7403102)');
       const latest = await tx.query('SELECT * FROM policies WHERE name = $1 ORDER BY version DESC LIMIT 1', [spec.name]);
+      if (expectedVersion !== undefined) {
+        const current = latest[0] && !latest[0]['deleted'] ? big(latest[0]['version']) : 0n;
+        if (current !== expectedVersion) {
+          throw new AnalysisError('conflict', expectedVersion === 0n ? `policy ${spec.name} already exists (version ${current}); give its version to replace it` : `policy ${spec.name} is at version ${current}, not ${expectedVersion}: re-read it and apply your change again`);
+        }
+      }
       if (latest[0] && latest[0]['digest'] === digest && !latest[0]['deleted']) return { policy: policyFrom(latest[0]), changed: false };
       const version = latest[0] ? big(latest[0]['version']) + 1n : 1n;
       const rows = await tx.query(
