@@ -204,6 +204,7 @@ export class HostAgent {
     this.serving = false;
     this.link?.stop();
     await this.listener.stop(deadlineMs);
+    await this.link?.drain();
     await this.heki?.stop();
     await Promise.all([this.metricsServer, this.apiServer].map((s) => (s ? new Promise<void>((r) => s.close(() => r())) : undefined)));
     await this.healthServer?.close();

@@ -7,7 +7,7 @@
  * KVM applies when the reply is processed); the reply is then RETRY. RETRY without moving RIP would
  * re-execute the same instruction forever, so a failure anywhere falls back to the caller's policy.
  */
-import { Decoder, DecoderOptions } from 'iced-x86';
+import { Decoder, DecoderOptions, Formatter, FormatterSyntax } from 'iced-x86';
 import { KVMI_INVALID_GPA, KvmiError, type KvmiSession, type structs } from '@periscope/kvmi';
 
 type KvmRegs = structs.KvmRegs;
@@ -72,4 +72,38 @@ export async function skipInstruction(
   const newRip = (regs.rip + BigInt(length)) & mask;
   await session.request('VCPU_SET_REGISTERS', { vcpu, ...regs, rip: newRip });
   return { length, newRip };
+}
+
+export interface InstructionAt {
+  /** The instruction's bytes (up to 15; fewer when it could not be decoded). */
+  bytes: Uint8Array;
+  /** Intel syntax (nasm flavour), e.g. `mov cr4,rax`; empty when the bytes do not decode. */
+  text: string;
+}
+
+/**
+ * Read and decode the instruction at a guest RIP (detection evidence). Runs after the event's reply, off
+ * the vCPU's stall path; the caller bounds it with a timeout.
+ */
+export async function readInstructionAt(session: KvmiSession, vcpu: number, mode: number, rip: bigint, csBase: bigint): Promise<InstructionAt> {
+  const bitness = mode === 8 ? 64 : mode === 4 ? 32 : 16;
+  const window = await readGuestLinear(session, vcpu, linearRip(mode, rip, csBase), MAX_INSN);
+  const decoder = new Decoder(bitness, window, DecoderOptions.None);
+  try {
+    decoder.ip = rip;
+    const insn = decoder.decode();
+    try {
+      if (insn.isInvalid) return { bytes: window, text: '' };
+      const formatter = new Formatter(FormatterSyntax.Nasm);
+      try {
+        return { bytes: window.slice(0, insn.length), text: formatter.format(insn) };
+      } finally {
+        formatter.free();
+      }
+    } finally {
+      insn.free();
+    }
+  } finally {
+    decoder.free();
+  }
 }

@@ -13,6 +13,7 @@ import type { VcpuEventView } from '@periscope/kvmi';
 import {
   AgentCapability,
   CommandStatus,
+  CpuMode,
   DefaultReason,
   DetachReason,
   EventDisposition,
@@ -48,6 +49,19 @@ import { HeldEventRegistry, type HeldEntry, type Resolution } from './held-event
 import { ReportQueue, type LinkVm, type PolicyRef } from './outbound-queue.js';
 import { PauseStore } from './pause-store.js';
 import { DetectionSpool } from './spool.js';
+import { readInstructionAt } from '../instruction-skip.js';
+
+/** Bound on reading a detection's instruction bytes (two KVMI round trips in the normal case). */
+const INSTRUCTION_READ_TIMEOUT_MS = 500;
+/** CpuMode (proto) → KVMI's mode byte (8 = 64-bit, 4 = 32-bit, 2 = 16-bit). */
+const CPU_MODE_BITS: Partial<Record<CpuMode, number>> = { [CpuMode.CPU_MODE_64_BIT]: 8, [CpuMode.CPU_MODE_32_BIT]: 4, [CpuMode.CPU_MODE_16_BIT]: 2 };
+
+function withTimeout<T>(p: Promise<T>, ms: number): Promise<T> {
+  return new Promise<T>((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error(`no instruction bytes within ${ms} ms`)), ms);
+    p.then((v) => { clearTimeout(t); resolve(v); }, (e: unknown) => { clearTimeout(t); reject(e instanceof Error ? e : new Error(String(e))); });
+  });
+}
 import { HekiUplink } from './heki-uplink.js';
 import type { HekiSink } from '../heki/sink.js';
 
@@ -247,6 +261,12 @@ export class LinkRuntime {
     this.client.stop();
   }
 
+  /** After the VMs detached (shutdown): spool detections still reading their instruction, write the spool. */
+  async drain(): Promise<void> {
+    await Promise.allSettled([...this.enriching]);
+    this.spool.flushSync();
+  }
+
   // ---- the vCPU path -------------------------------------------------------------------------------
 
   private stateOf(vm: VmConnection): VmLinkState {
@@ -429,13 +449,34 @@ export class LinkRuntime {
         policyVersion: pol.version,
       };
       this.stats.detections++;
-      if (!this.spool.add(d)) {
-        this.opts.log('warn', 'detection spool full: detection dropped', { rule: c.ruleId, spoolBytes: this.spool.bytes });
+      const spool = () => {
+        if (!this.spool.add(d)) this.opts.log('warn', 'detection spool full: detection dropped', { rule: c.ruleId, spoolBytes: this.spool.bytes });
+        else this.sendSpool();
+      };
+      // Evidence: the instruction at RIP, read after the reply (off the vCPU's stall path), bounded in time;
+      // without it (VM gone, page unmapped, timeout) the detection is spooled all the same.
+      const regs = event.regs;
+      if (!regs || !event.sregs || p.vm.state === 'closed' || p.vm.state === 'detaching') {
+        spool();
         continue;
       }
+      const job = withTimeout(readInstructionAt(p.vm.session, p.vcpu, CPU_MODE_BITS[event.mode] ?? 8, regs.rip, event.sregs.cs?.base ?? 0n), INSTRUCTION_READ_TIMEOUT_MS)
+        .then((insn) => {
+          d.instructionBytes = Buffer.from(insn.bytes);
+          d.instructionText = insn.text;
+        }, (e: unknown) => {
+          d.attributes['instruction_unavailable'] = e instanceof Error ? e.message : String(e);
+        })
+        .finally(() => {
+          this.enriching.delete(job);
+          spool();
+        });
+      this.enriching.add(job);
     }
-    this.sendSpool();
   }
+
+  /** Detections waiting for their instruction bytes (stop() spools them before returning). */
+  private readonly enriching = new Set<Promise<void>>();
 
   /** Send spooled detections not yet sent on this stream. */
   private sendSpool(): void {
