@@ -92,6 +92,8 @@ describe.each(VALUES_FILES)('values %s', (valuesFile) => {
     const hostId = agent.env.find((e: any) => e.name === 'PERISCOPE_HOST_ID');
     expect(hostId.valueFrom.fieldRef.fieldPath).toBe('spec.nodeName');
     expect(agent.command).toBeUndefined(); // the image's ENTRYPOINT runs the agent
+    // Breakpoint tracing: analysis may plant INT3s with VM_WRITE_PHYSICAL (docs/tracing.md), when the agent links to it.
+    if (agent.args.some((x: string) => x.startsWith('--analysis='))) expect(agent.args).toContain('--allow-command=write-physical');
     expect(pod.securityContext.supplementalGroups).toHaveLength(1);
   });
 

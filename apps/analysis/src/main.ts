@@ -24,7 +24,7 @@ export const analysisSchema = defineSchema({
     policy: { kind: 'path', description: 'directory of policy documents (*.yaml, *.yml, *.json) imported at start; idempotent (a new version only when a document changed)' },
     profiles: { kind: 'path', description: 'directory of extra guest OS profiles (*.json, docs/profiles.md); linux-sim is built in' },
     'api-token-file': { kind: 'path', description: 'file holding the bearer token the HTTP API and operator RPCs require (required in fleet mode)' },
-    'replica-id': { kind: 'string', description: 'this replica\'s id (default: hostname-pid)' },
+    'replica-id': { kind: 'string', description: 'this replica\'s id (default: hostname-pid), unique among the replicas sharing one PostgreSQL (VM ownership and routing use it; several replicas need PostgreSQL)' },
     webhook: { kind: 'string', description: 'POST every new or updated alert (JSON) to this URL, with retries' },
     'alerts-jsonl': { kind: 'string', description: 'append every new or updated alert as a JSON line to this file (- = stdout)' },
     'dashboard-dir': { kind: 'path', description: 'directory of the web dashboard served at / of --http (default: the built @periscope/dashboard, apps/dashboard/dist)' },
@@ -124,7 +124,8 @@ export async function runAnalysis(argv: string[], io: AnalysisIo = defaultIo): P
   } catch (e) {
     if (e instanceof AnalysisError) {
       process.stderr.write(`periscope analysis: ${e.message}\n${e.issues.map((i) => `  ${i.path}: ${i.message}\n`).join('')}`);
-      return e.code === 'bad-policy' || e.code === 'bad-db-url' || e.code === 'bad-profile' ? 2 : 1;
+      // db-locked: a second replica on one PGlite directory (several replicas need PostgreSQL)
+      return e.code === 'bad-policy' || e.code === 'bad-db-url' || e.code === 'bad-profile' || e.code === 'db-locked' ? 2 : 1;
     }
     process.stderr.write(`periscope analysis: ${(e as Error).message}\n`);
     return 1;

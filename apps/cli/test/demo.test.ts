@@ -86,6 +86,7 @@ describe('demo plan', () => {
     for (const h of plan.hosts) {
       const agent = plan.specs.find((s) => s.name === `${h.id}/agent`)!;
       expect(arg(agent.args, '--analysis')).toBe('127.0.0.1:41002');
+      expect(arg(agent.args, '--allow-command')).toBe('write-physical'); // breakpoint tracing (docs/tracing.md)
       expect(agent.after).toEqual([]); // agents link to analysis whenever it is up: never a start-up dependency
       const ga = plan.specs.find((s) => s.name === `${h.id}/guest-agent`)!;
       const sim = plan.specs.find((s) => s.name === `${h.id}/sim`)!;

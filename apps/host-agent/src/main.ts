@@ -12,7 +12,12 @@ export const hostAgentSchema = defineSchema({
   options: {
     ...networkOptions,
     'kvmi-listen': { kind: 'list', items: 'address', description: 'Unix socket(s) QEMU connects to (unix:PATH); repeat for several', required: true },
-    analysis: { kind: 'address', description: 'analysis service HOST:PORT: the agent dials out and keeps one gRPC stream (mTLS with --tls-*); without it the agent runs standalone on its local rules' },
+    analysis: {
+      kind: 'list',
+      items: 'address',
+      description:
+        'analysis service HOST:PORT: the agent dials out and keeps one gRPC stream (mTLS with --tls-*); several replicas: comma-separated or repeated, tried in order, the next one on every reconnect (a dead replica\'s agents move to the others); without it the agent runs standalone on its local rules',
+    },
     'state-dir': { kind: 'path', description: 'directory for state that must survive restarts: the detection spool (spool/) and VMs paused by analysis (paused.json); without it both are kept in memory only' },
     'allow-command': {
       kind: 'list',
@@ -48,8 +53,24 @@ function unixPath(addr: string): string {
   return p.path;
 }
 
+/** `--analysis A,B` = `--analysis A --analysis B` (the env form PERISCOPE_ANALYSIS=A,B is split by the config library). */
+export function splitAnalysisFlag(argv: readonly string[]): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i]!;
+    const inline = /^--analysis=(.*)$/.exec(arg);
+    const value = inline ? inline[1]! : arg === '--analysis' && i + 1 < argv.length && !argv[i + 1]!.startsWith('--') ? argv[++i]! : undefined;
+    if (value === undefined || !value.includes(',')) {
+      out.push(...(inline || value === undefined ? [arg] : [arg, value]));
+      continue;
+    }
+    for (const item of value.split(',').map((x) => x.trim()).filter((x) => x !== '')) out.push('--analysis', item);
+  }
+  return out;
+}
+
 export async function runHostAgent(argv: string[]): Promise<number> {
-  const cfg = loadConfig(hostAgentSchema, argv, process.env, {
+  const cfg = loadConfig(hostAgentSchema, splitAnalysisFlag(argv), process.env, {
     command: 'periscope host-agent',
     summary: 'The per-host agent: terminates the KVMI sockets QEMU connects to and answers vCPU events from local rules.',
   });
@@ -94,9 +115,9 @@ export async function runHostAgent(argv: string[]): Promise<number> {
     throw e;
   }
   let link: LinkConfig | undefined;
-  if (v.analysis) {
+  if (v.analysis.length > 0) {
     link = {
-      address: v.analysis,
+      address: v.analysis.join(','),
       ...(cfg.tls ? { tls: { ca: cfg.tls.ca, cert: cfg.tls.cert, key: cfg.tls.key } } : {}),
       allowCommands: v['allow-command'],
       reportQueueSize: v['report-queue-size'],

@@ -10,6 +10,9 @@
  * acknowledged (each is one transaction). PostgreSQL: PERISCOPE_TEST_POSTGRES or postgres://postgres@127.0.0.1:5432/postgres
  * (a fresh database, dropped after); skipped with a note when no server answers.
  * Flags: --agents A --vms V --batch B --seconds S --detections D --only pglite|postgres
+ *   --baseline  also run the same agents against a raw grpc-js sink (the Link method with an identity
+ *               deserializer, counting messages): the transport's own ceiling for these messages.
+ *   --json      human lines to stderr, one JSON line to stdout (read by bench/run.mjs).
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir, cpus } from 'node:os';
@@ -17,7 +20,7 @@ import { join } from 'node:path';
 import { randomBytes, randomUUID } from 'node:crypto';
 import grpc from '@grpc/grpc-js';
 import pg from 'pg';
-import { AgentLinkServiceClient, LinkRequest, uuidToBytes } from '@periscope/contracts';
+import { AgentLinkServiceClient, AgentLinkServiceService, LinkRequest, uuidToBytes } from '@periscope/contracts';
 import { Analysis } from '@periscope/analysis';
 
 const arg = (name, def) => {
@@ -30,6 +33,9 @@ const BATCH = Number(arg('batch', 512));
 const SECONDS = Number(arg('seconds', 5));
 const DETECTIONS = Number(arg('detections', 2000));
 const ONLY = arg('only', '');
+const BASELINE = process.argv.includes('--baseline');
+const JSON_OUT = process.argv.includes('--json');
+const say = JSON_OUT ? (...a) => console.error(...a) : (...a) => console.log(...a);
 const DSN = process.env.PERISCOPE_TEST_POSTGRES || 'postgres://postgres@127.0.0.1:5432/postgres';
 
 const regs = { rax: 0x3406e0n, rbx: 1n, rcx: 2n, rdx: 3n, rsi: 4n, rdi: 5n, rsp: 0xffffc90000001000n, rbp: 6n, r8: 0n, r9: 0n, r10: 0n, r11: 0n, r12: 0n, r13: 0n, r14: 0n, r15: 0n, rip: 0xffffffff81000220n, rflags: 0x246n };
@@ -117,12 +123,44 @@ async function runOne(label, db) {
   return { label, eventsPerSec: Math.round(events / secs), events, seconds: +secs.toFixed(2), detectionsPerSec: Math.round(DETECTIONS / dsecs), alerts: Number(alerts) };
 }
 
+/** The baseline: the same agents and batches into a grpc-js server that only counts the messages. */
+async function runRawSink() {
+  let batches = 0;
+  const service = { link: { ...AgentLinkServiceService.link, requestDeserialize: (b) => b } };
+  const server = new grpc.Server();
+  server.addService(service, {
+    link: (call) => {
+      call.on('data', (b) => {
+        if (b.length > 1024) batches++; // hello and vmAttached are small; every batch is BATCH events
+      });
+      call.on('end', () => call.end());
+      call.on('error', () => undefined);
+    },
+  });
+  const port = await new Promise((resolve, reject) => server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (e, p) => (e ? reject(e) : resolve(p))));
+  const agents = [];
+  for (let i = 0; i < AGENTS; i++) agents.push(agent(port, `bench-host-${i}`, Array.from({ length: VMS }, () => randomUUID())));
+  await new Promise((r) => setTimeout(r, 300));
+  await pump(agents, 1000);
+  const b0 = batches;
+  const t0 = process.hrtime.bigint();
+  await pump(agents, SECONDS * 1000);
+  const secs = Number(process.hrtime.bigint() - t0) / 1e9;
+  const events = (batches - b0) * BATCH;
+  for (const a of agents) {
+    a.stream.end();
+    a.client.close();
+  }
+  server.forceShutdown();
+  return { label: 'raw grpc-js sink (counts messages)', eventsPerSec: Math.round(events / secs), events, seconds: +secs.toFixed(2) };
+}
+
 async function withPostgres(fn) {
   const admin = new pg.Client({ connectionString: DSN, connectionTimeoutMillis: 2000 });
   try {
     await admin.connect();
   } catch {
-    console.log(`note: no PostgreSQL answers at ${DSN}: PostgreSQL figures skipped`);
+    say(`note: no PostgreSQL answers at ${DSN}: PostgreSQL figures skipped`);
     return undefined;
   }
   const name = `periscope_bench_${Date.now().toString(36)}`;
@@ -138,7 +176,7 @@ async function withPostgres(fn) {
 }
 
 const results = [];
-console.log(`analysis ingest bench: ${AGENTS} agents × ${VMS} VMs, batches of ${BATCH} events, ${SECONDS} s; ${DETECTIONS} detections; ${cpus().length} CPUs, Node ${process.version}`);
+say(`analysis ingest bench: ${AGENTS} agents × ${VMS} VMs, batches of ${BATCH} events, ${SECONDS} s; ${DETECTIONS} detections; ${cpus().length} CPUs, Node ${process.version}`);
 if (ONLY !== 'postgres') {
   const dir = mkdtempSync(join(tmpdir(), 'an-bench-'));
   try {
@@ -151,4 +189,11 @@ if (ONLY !== 'pglite') {
   const r = await withPostgres((url) => runOne('PostgreSQL 127.0.0.1', url));
   if (r) results.push(r);
 }
-for (const r of results) console.log(JSON.stringify(r));
+const raw = BASELINE ? await runRawSink() : null;
+if (JSON_OUT) {
+  for (const r of [...results, ...(raw ? [raw] : [])]) say(JSON.stringify(r));
+  console.log(JSON.stringify({ bench: 'analysis-ingest', agents: AGENTS, vms: VMS, batch: BATCH, seconds: SECONDS, detections: DETECTIONS, results, raw }));
+} else {
+  for (const r of results) console.log(JSON.stringify(r));
+  if (raw) console.log(JSON.stringify(raw));
+}

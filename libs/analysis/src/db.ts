@@ -6,6 +6,7 @@
  */
 import { mkdirSync } from 'node:fs';
 import { AnalysisError } from './errors.js';
+import { lockPgliteDir } from './pglite-lock.js';
 
 export type SqlParam = string | number | bigint | boolean | null | Buffer;
 export type Row = Record<string, unknown>;
@@ -57,8 +58,15 @@ function dbError(e: unknown, sql: string): AnalysisError {
 async function openPglite(location: string): Promise<Db> {
   const { PGlite } = await import('@electric-sql/pglite');
   if (location !== 'memory') mkdirSync(location, { recursive: true });
+  // One process per directory (PGlite has no lock of its own): a second replica refuses with db-locked.
+  const lock = location === 'memory' ? undefined : lockPgliteDir(location);
   const pg = location === 'memory' ? new PGlite() : new PGlite(location);
-  await pg.waitReady;
+  try {
+    await pg.waitReady;
+  } catch (e) {
+    lock?.release();
+    throw e;
+  }
   const opts = { parsers: { [INT8]: toBig } };
   type Tx = { query: (sql: string, params?: unknown[], o?: typeof opts) => Promise<{ rows: unknown[] }> };
   const wrap = (q: Tx): Queryable => ({
@@ -83,7 +91,11 @@ async function openPglite(location: string): Promise<Db> {
     },
     transaction: (fn) => pg.transaction((tx) => fn(wrap(tx as unknown as Tx))),
     async close() {
-      await pg.close();
+      try {
+        await pg.close();
+      } finally {
+        lock?.release();
+      }
     },
   };
 }
@@ -119,17 +131,31 @@ async function openPostgres(connectionString: string): Promise<Db> {
       await q(pool, sql, []);
     },
     async transaction(fn) {
-      const client = await pool.connect();
+      let client: import('pg').PoolClient;
       try {
-        await client.query('BEGIN');
+        client = await pool.connect();
+      } catch (e) {
+        throw dbError(e, 'BEGIN');
+      }
+      // A checked-out client has no pool error listener: without this, the server going away mid-transaction
+      // (restart, failover) is an uncaught 'error' event that ends the process. The broken client is
+      // destroyed on release instead of going back to the pool.
+      let broken: Error | undefined;
+      const onError = (e: Error): void => {
+        broken = e;
+      };
+      client.on('error', onError);
+      try {
+        await q(client, 'BEGIN', []);
         const r = await fn({ query: (sql, params = []) => q(client, sql, params) });
-        await client.query('COMMIT');
+        await q(client, 'COMMIT', []);
         return r;
       } catch (e) {
-        await client.query('ROLLBACK').catch(() => undefined);
+        if (!broken) await client.query('ROLLBACK').catch((err: Error) => (broken = err));
         throw e;
       } finally {
-        client.release();
+        client.off('error', onError);
+        client.release(broken);
       }
     },
     async close() {

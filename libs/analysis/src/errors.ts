@@ -2,6 +2,8 @@
 export type AnalysisErrorCode =
   | 'bad-db-url'
   | 'db-error'
+  /** A PGlite directory already in use by another analysis process (several replicas need PostgreSQL). */
+  | 'db-locked'
   | 'migration-failed'
   | 'bad-policy'
   | 'policy-conflict'

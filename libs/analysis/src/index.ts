@@ -27,4 +27,10 @@ export { HekiTracker, HEKI_STATUS_TEXT, CORRELATION_WINDOW_MS, type HekiStatus, 
 export { validateHekiModule, hekiBitNames, HEKI_CR0_BITS, HEKI_CR4_BITS, type HekiModuleParams, type HekiDenialResponse } from './heki-policy.js';
 /** The shipped fleet policy directory (`policies/fleet-default.yaml`): what `periscope demo` imports with `--policy`. */
 export const SHIPPED_POLICY_DIR: string = new URL('../policies', import.meta.url).pathname;
+export { AuditLog, formatWho, parseWho, GUEST_CHANGING_COMMANDS, type AuditEventRecord, type AuditFilter, type AuditRecordInput } from './audit.js';
+export { ResponseEngine, parseResponse, RESPONSE_KINDS, RESPONSE_DECIDED_AT, type ResponseKind, type ResponseSpec } from './responses.js';
+export { readGuestPhysical, readRegisters, MAX_READ_BYTES, REGS_MSRS } from './inspect.js';
 export { VmOperations, errorJson, errorFromJson, type OperationContext, type OperationHandler, type RemoteRunner, type JsonObject, type JsonValue } from './operations.js';
+export { Tracing, registerTraceOperations, TRACE_DEADLINE_MS, SYSV_ARGS, DEFAULT_TRACE_ARGS, type TracingHost } from './tracing.js';
+export { TraceStore, type TraceRow, type TraceHit, type TraceState } from './tracing-store.js';
+export { CentralVerdicts, sendVerdict, type HeldEvent, type HeldEventClaim, type VerdictAction } from './central-verdicts.js';

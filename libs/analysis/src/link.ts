@@ -79,6 +79,8 @@ export interface LinkHandler {
   onClosed(s: AgentSession): Promise<void>;
   recordCommand(s: AgentSession, id: bigint, vm: LiveVm, vcpu: number, kind: string, purpose: string): void;
   finishCommand(id: bigint, status: string, message: string): void;
+  /** Audit log (audit.ts): a guest-changing command or pause control starts; returns its result recorder. */
+  auditBegin?(vm: LiveVm, vcpu: number, id: bigint, what: CommandBody | { readonly $case: 'pauseControl'; readonly paused: boolean }, purpose: string, by: string | undefined): ((status: string, message: string) => void) | undefined;
   nextCommandId(): Promise<bigint>;
 }
 
@@ -155,16 +157,21 @@ export class AgentSession {
     this.send({ $case: 'keepalive', value: { sentUnixNs: nowNs(), ackedStreamSeq: this.inSeqProcessed } });
   }
 
-  /** Run one KVMI command on a VM of this agent and await its result (throws on a status other than OK). */
-  async command(vm: LiveVm, vcpu: number, cmd: CommandBody, purpose: string, timeoutMs = this.h.commandTimeoutMs): Promise<CommandResult> {
+  /**
+   * Run one KVMI command on a VM of this agent and await its result (throws on a status other than OK).
+   * `by`: who asked, for the audit log of guest-changing commands (default `module:` + the purpose's prefix).
+   */
+  async command(vm: LiveVm, vcpu: number, cmd: CommandBody, purpose: string, timeoutMs = this.h.commandTimeoutMs, by?: string): Promise<CommandResult> {
     if (this.closed) throw new AnalysisError('link-closed', `link to ${this.hostId} is closed`);
     const id = await this.h.nextCommandId();
     const kind = commandKindName(cmd);
     this.h.recordCommand(this, id, vm, vcpu, kind, purpose);
+    const audited = this.h.auditBegin?.(vm, vcpu, id, cmd, purpose, by);
     const result = await new Promise<CommandResult>((resolve, reject) => {
       const timer = setTimeout(() => {
         this.pending.delete(id);
         this.h.finishCommand(id, 'timeout', `no result within ${timeoutMs} ms`);
+        audited?.('timeout', `no result within ${timeoutMs} ms`);
         reject(new AnalysisError('command-timeout', `${kind} on ${vm.name} vCPU ${vcpu}: no result within ${timeoutMs} ms`));
       }, timeoutMs);
       this.pending.set(id, { resolve, reject, timer });
@@ -172,8 +179,12 @@ export class AgentSession {
         $case: 'command',
         value: { correlationId: id, vmUuid: uuidToBytes(vm.uuid), sessionGeneration: vm.generation, vcpu, timeoutMs: 0, command: cmd },
       });
+    }).catch((e: unknown) => {
+      audited?.('failed', (e as Error).message); // link closed (a timeout was recorded already)
+      throw e;
     });
     this.h.finishCommand(id, enumName.commandStatus(result.status), result.message);
+    audited?.(enumName.commandStatus(result.status), result.status === CommandStatus.COMMAND_STATUS_KVM_ERROR ? kvmErrorToJSON(result.kvmError) : result.message);
     if (result.status !== CommandStatus.COMMAND_STATUS_OK) throw new CommandError(result, `${kind} on ${vm.name} vCPU ${vcpu}`);
     return result;
   }
@@ -188,16 +199,22 @@ export class AgentSession {
     const id = await this.h.nextCommandId();
     const kind = paused ? 'pauseControl' : 'resumeControl';
     this.h.recordCommand(this, id, vm, 0, kind, `operator ${requestedBy}`);
+    const audited = this.h.auditBegin?.(vm, 0, id, { $case: 'pauseControl', paused }, `operator ${requestedBy}`, requestedBy);
     const result = await new Promise<CommandResult>((resolve, reject) => {
       const timer = setTimeout(() => {
         this.pending.delete(id);
         this.h.finishCommand(id, 'timeout', `no result within ${timeoutMs} ms`);
+        audited?.('timeout', `no result within ${timeoutMs} ms`);
         reject(new AnalysisError('command-timeout', `${kind} on ${vm.name}: no result within ${timeoutMs} ms`));
       }, timeoutMs);
       this.pending.set(id, { resolve, reject, timer });
       this.send({ $case: 'pauseControl', value: { correlationId: id, vmUuid: uuidToBytes(vm.uuid), paused, requestedBy } });
+    }).catch((e: unknown) => {
+      audited?.('failed', (e as Error).message);
+      throw e;
     });
     this.h.finishCommand(id, enumName.commandStatus(result.status), result.message);
+    audited?.(enumName.commandStatus(result.status), result.message);
     return result;
   }
 

@@ -13,6 +13,7 @@ import { AnalysisError } from './errors.js';
 import type { ModuleName, PolicySpec } from './policy.js';
 import { choosePolicy, MSR_NAMES } from './policy.js';
 import { sectionGpaRange, symbolPageRange, symbolRipRange, type KernelFacts, type ProfileRegistry } from './profiles.js';
+import { localAction, type ResponseSpec } from './responses.js';
 
 export const LOCAL_POLICY_ID = 'periscope-analysis';
 const ALL_ONES = 0xffff_ffff_ffff_ffffn;
@@ -84,7 +85,8 @@ export function parseRuleId(id: string): ParsedRuleId | undefined {
   return { policy: m[1]!, module: m[2]!, rule: m[3]!, ...(m[4] ? { vm: m[4] } : {}) };
 }
 
-const act = (a: 'deny' | 'report', deny: Action): Action => (a === 'deny' ? deny : { kind: 'allow' });
+/** The rule action of a module: allow (report), its deny, or what its response decides locally (inject, crash). */
+const act = (a: 'deny' | 'report', deny: Action, response?: ResponseSpec): Action => (a === 'deny' ? localAction(response, deny) : { kind: 'allow' });
 
 function rangesOf(rs: readonly { start: bigint; end: bigint }[]): U64Range[] {
   const sorted = [...rs].sort((a, b) => (a.start < b.start ? -1 : 1));
@@ -120,6 +122,8 @@ export function buildHostPolicy(args: {
   readonly vms: readonly VmView[];
   readonly profiles: ProfileRegistry;
   readonly version: bigint;
+  /** Rules of modules that are not policy driven (breakpoint tracing's ask-central rules, tracing.ts). */
+  readonly extraRules?: readonly Rule[];
 }): HostPolicy {
   const warnings: string[] = [];
   const assignments = new Map<string, string>();
@@ -140,24 +144,24 @@ export function buildHostPolicy(args: {
     const m = spec.modules;
     if (m.crPinning) {
       const c = m.crPinning;
-      if (c.cr0) rules.push({ id: `${P}/cr-pinning/cr0`, description: 'CR0 write clearing a pinned bit', match: { kind: 'CR', vms: uuids, cr: [0], clears: c.cr0 }, action: act(c.action, { kind: 'deny', forceBits: c.cr0 }), report: REPORT_EVENT, severity: c.severity });
-      if (c.cr4) rules.push({ id: `${P}/cr-pinning/cr4`, description: 'CR4 write clearing a pinned bit', match: { kind: 'CR', vms: uuids, cr: [4], clears: c.cr4 }, action: act(c.action, { kind: 'deny', forceBits: c.cr4 }), report: REPORT_EVENT, severity: c.severity });
+      if (c.cr0) rules.push({ id: `${P}/cr-pinning/cr0`, description: 'CR0 write clearing a pinned bit', match: { kind: 'CR', vms: uuids, cr: [0], clears: c.cr0 }, action: act(c.action, { kind: 'deny', forceBits: c.cr0 }, c.response), report: REPORT_EVENT, severity: c.severity });
+      if (c.cr4) rules.push({ id: `${P}/cr-pinning/cr4`, description: 'CR4 write clearing a pinned bit', match: { kind: 'CR', vms: uuids, cr: [4], clears: c.cr4 }, action: act(c.action, { kind: 'deny', forceBits: c.cr4 }, c.response), report: REPORT_EVENT, severity: c.severity });
     }
     if (m.syscallMsrs) {
       const s = m.syscallMsrs;
       if (s.msrs.length) {
         const id = `${P}/syscall-msrs/entry`;
-        rules.push({ id, description: 'system-call entry MSR rewritten after boot', match: { kind: 'MSR', vms: uuids, msr: s.msrs, changes: ALL_ONES }, action: act(s.action, { kind: 'deny' }), report: REPORT_EVENT, severity: s.severity });
+        rules.push({ id, description: 'system-call entry MSR rewritten after boot', match: { kind: 'MSR', vms: uuids, msr: s.msrs, changes: ALL_ONES }, action: act(s.action, { kind: 'deny' }, s.response), report: REPORT_EVENT, severity: s.severity });
         // Boot-done condition (docs/profiles.md): a vCPU's MSR still 0 has not been initialised by the kernel.
         exceptions.push({ id: `${P}/syscall-msrs/boot`, rules: [id], match: { kind: 'MSR', vms: uuids, old: { mask: ALL_ONES, value: 0n } }, action: { kind: 'allow' }, report: REPORT_NEVER, reason: 'boot-time initialisation (old value 0)', createdBy: 'module:syscall-msrs' });
       }
-      if (s.eferNxe) rules.push({ id: `${P}/syscall-msrs/efer-nxe`, description: 'EFER write clearing NXE', match: { kind: 'MSR', vms: uuids, msr: [MSR_NAMES['EFER']!], clears: EFER_NXE }, action: act(s.action, { kind: 'deny', forceBits: EFER_NXE }), report: REPORT_EVENT, severity: s.severity });
+      if (s.eferNxe) rules.push({ id: `${P}/syscall-msrs/efer-nxe`, description: 'EFER write clearing NXE', match: { kind: 'MSR', vms: uuids, msr: [MSR_NAMES['EFER']!], clears: EFER_NXE }, action: act(s.action, { kind: 'deny', forceBits: EFER_NXE }, s.response), report: REPORT_EVENT, severity: s.severity });
     }
     if (m.descriptorTables) {
       const d = m.descriptorTables;
       for (const t of d.tables) {
         const id = `${P}/descriptor-tables/${t.toLowerCase()}`;
-        rules.push({ id, description: `${t} load after boot`, match: { kind: 'DESCRIPTOR', vms: uuids, descriptor: [t === 'IDTR' ? 1 : 2], write: true }, action: act(d.action, { kind: 'skip' }), report: REPORT_EVENT, severity: d.severity });
+        rules.push({ id, description: `${t} load after boot`, match: { kind: 'DESCRIPTOR', vms: uuids, descriptor: [t === 'IDTR' ? 1 : 2], write: true }, action: act(d.action, { kind: 'skip' }, d.response), report: REPORT_EVENT, severity: d.severity });
         exceptions.push({ id: `${id}-firmware`, rules: [id], match: { kind: 'DESCRIPTOR', vms: uuids, rip: [{ start: 0n, end: 0x100000n }] }, action: { kind: 'allow' }, report: REPORT_NEVER, reason: 'firmware and boot loaders below 1 MiB (boot not done)', createdBy: 'module:descriptor-tables' });
       }
     }
@@ -175,13 +179,17 @@ export function buildHostPolicy(args: {
         for (const [rule, gpa] of ranges) {
           const id = `${P}/kernel-code-integrity/${rule}#${vm.uuid}`;
           ids.push(id);
-          rules.push({ id, description: `write to write-protected kernel ${rule} (per GPA)`, match: { kind: 'PF', vms: [vm.uuid], access: W, gpa }, action: act(k.action, { kind: 'skip' }), report: REPORT_EVENT, severity: k.severity });
+          rules.push({ id, description: `write to write-protected kernel ${rule} (per GPA)`, match: { kind: 'PF', vms: [vm.uuid], access: W, gpa }, action: act(k.action, { kind: 'skip' }, k.response), report: REPORT_EVENT, severity: k.severity });
         }
         const writers = k.allowWriters.filter((s) => profile.symbols.has(s)).map((s) => symbolRipRange(profile, vm.facts!, s));
         if (writers.length && ids.length) {
           exceptions.push({ id: `${P}/kernel-code-integrity/writers#${vm.uuid}`, rules: ids, match: { kind: 'PF', vms: [vm.uuid], rip: rangesOf(writers) }, action: { kind: 'allow' }, report: REPORT_NEVER, reason: `allowed writers: ${k.allowWriters.join(', ')}`, createdBy: 'module:kernel-code-integrity' });
         }
       }
+    }
+    // An inject response: the TRAP event KVM sends after the injection is reported (its vector goes into the alert).
+    if ([m.crPinning, m.syscallMsrs, m.descriptorTables, m.kernelCodeIntegrity].some((x) => x?.action === 'deny' && x.response?.kind === 'inject')) {
+      rules.push({ id: `${P}/responses/trap`, description: 'what KVM injected after an inject response', match: { kind: 'TRAP', vms: uuids }, action: { kind: 'allow' }, report: REPORT_EVENT });
     }
     // Operator exceptions of this policy.
     for (const e of args.exceptions) {
@@ -219,6 +227,7 @@ export function buildHostPolicy(args: {
       }
     }
   }
+  rules.push(...(args.extraRules ?? []));
   // Operator exceptions go first: they are narrower than the modules' own.
   exceptions.sort((a, b) => Number(b.id.startsWith('exception/')) - Number(a.id.startsWith('exception/')));
   const draft: Policy = {
@@ -227,7 +236,8 @@ export function buildHostPolicy(args: {
     description: `compiled by analysis from ${[...byPolicy.keys()].join(', ') || 'no policy'}`,
     defaultAction: { kind: 'allow' },
     defaultReport: REPORT_NEVER,
-    maxAskCentralDeadlineMs: 20,
+    // Breakpoint tracing's steps take a few round trips to analysis: its rules ask for up to 1 s.
+    maxAskCentralDeadlineMs: args.extraRules?.some((r) => r.askCentral) ? 1000 : 20,
     rules,
     exceptions,
   };

@@ -11,6 +11,7 @@ import { CR_BITS, MSR } from '@periscope/simulator';
 import type { Severity } from '@periscope/verdicts';
 import { AnalysisError, type PolicyIssue } from './errors.js';
 import { hekiParamsFromJson, validateHekiModule, type HekiModuleParams } from './heki-policy.js';
+import { parseResponse, type ResponseSpec } from './responses.js';
 
 export const POLICY_FORMAT = 'periscope.policy/v1';
 
@@ -19,6 +20,8 @@ export type ModuleAction = 'deny' | 'report';
 export interface KernelCodeIntegrityParams {
   readonly action: ModuleAction;
   readonly severity: Severity;
+  /** What else happens on a detection (inject, pause, quarantine, crash; responses.ts); absent = deny. */
+  readonly response?: ResponseSpec;
   /** Profile sections write-protected (default `.text`, `.rodata`). */
   readonly sections: readonly string[];
   /** Also write-protect the pages of the profile's `protectedData` symbols. */
@@ -35,6 +38,8 @@ export interface KernelCodeIntegrityParams {
 export interface CrPinningParams {
   readonly action: ModuleAction;
   readonly severity: Severity;
+  /** What else happens on a detection (inject, pause, quarantine, crash; responses.ts); absent = deny. */
+  readonly response?: ResponseSpec;
   readonly cr0: bigint;
   readonly cr4: bigint;
 }
@@ -42,6 +47,8 @@ export interface CrPinningParams {
 export interface SyscallMsrParams {
   readonly action: ModuleAction;
   readonly severity: Severity;
+  /** What else happens on a detection (inject, pause, quarantine, crash; responses.ts); absent = deny. */
+  readonly response?: ResponseSpec;
   readonly msrs: readonly number[];
   readonly eferNxe: boolean;
 }
@@ -49,6 +56,8 @@ export interface SyscallMsrParams {
 export interface DescriptorTableParams {
   readonly action: ModuleAction;
   readonly severity: Severity;
+  /** What else happens on a detection (inject, pause, quarantine, crash; responses.ts); absent = deny. */
+  readonly response?: ResponseSpec;
   /** `IDTR` (1), `GDTR` (2). */
   readonly tables: readonly ('IDTR' | 'GDTR')[];
 }
@@ -167,10 +176,13 @@ function parseBits(c: Checker, v: unknown, path: string, names: readonly string[
   return mask;
 }
 
-function moduleCommon(c: Checker, o: Obj, path: string, defAction: ModuleAction, defSeverity: Severity): { action: ModuleAction; severity: Severity } {
+function moduleCommon(c: Checker, o: Obj, path: string, defAction: ModuleAction, defSeverity: Severity): { action: ModuleAction; severity: Severity; response?: ResponseSpec } {
+  const action = c.oneOf(o['action'], `${path}.action`, ['deny', 'report'] as const, defAction);
+  const response = parseResponse(o['response'], `${path}.response`, action, (p, m) => c.fail(p, m));
   return {
-    action: c.oneOf(o['action'], `${path}.action`, ['deny', 'report'] as const, defAction),
+    action,
     severity: c.oneOf(o['severity'], `${path}.severity`, SEVERITIES, defSeverity),
+    ...(response ? { response } : {}),
   };
 }
 
@@ -215,7 +227,7 @@ export function validatePolicy(doc: unknown, source = 'policy'): PolicySpec {
     let m = enabled('kernel-code-integrity');
     if (m) {
       const p = 'modules.kernel-code-integrity';
-      c.keys(m, p, ['enabled', 'action', 'severity', 'sections', 'protected-data', 'allow-writers', 'rehash-interval']);
+      c.keys(m, p, ['enabled', 'action', 'severity', 'sections', 'protected-data', 'allow-writers', 'rehash-interval', 'response']);
       const rehash = m['rehash-interval'];
       if (rehash !== undefined && (typeof rehash !== 'number' || !Number.isFinite(rehash) || rehash < 0 || (rehash > 0 && rehash < 0.1) || rehash > 86_400)) {
         c.fail(`${p}.rehash-interval`, 'must be 0 (baseline only) or a number of seconds 0.1..86400');
@@ -232,7 +244,7 @@ export function validatePolicy(doc: unknown, source = 'policy'): PolicySpec {
     m = enabled('cr-pinning');
     if (m) {
       const p = 'modules.cr-pinning';
-      c.keys(m, p, ['enabled', 'action', 'severity', 'cr0', 'cr4']);
+      c.keys(m, p, ['enabled', 'action', 'severity', 'cr0', 'cr4', 'response']);
       modules.crPinning = {
         ...moduleCommon(c, m, p, 'deny', 'high'),
         cr0: parseBits(c, m['cr0'], `${p}.cr0`, CR0_NAMES, ['WP']),
@@ -242,7 +254,7 @@ export function validatePolicy(doc: unknown, source = 'policy'): PolicySpec {
     m = enabled('syscall-msrs');
     if (m) {
       const p = 'modules.syscall-msrs';
-      c.keys(m, p, ['enabled', 'action', 'severity', 'msrs', 'efer-nxe']);
+      c.keys(m, p, ['enabled', 'action', 'severity', 'msrs', 'efer-nxe', 'response']);
       const names = m['msrs'] === undefined ? DEFAULT_SYSCALL_MSRS : c.strList(m['msrs'], `${p}.msrs`);
       const msrs: number[] = [];
       names.forEach((n, i) => {
@@ -255,7 +267,7 @@ export function validatePolicy(doc: unknown, source = 'policy'): PolicySpec {
     m = enabled('descriptor-tables');
     if (m) {
       const p = 'modules.descriptor-tables';
-      c.keys(m, p, ['enabled', 'action', 'severity', 'tables']);
+      c.keys(m, p, ['enabled', 'action', 'severity', 'tables', 'response']);
       const tables = (m['tables'] === undefined ? ['IDTR', 'GDTR'] : c.strList(m['tables'], `${p}.tables`)).map((t, i) => {
         const u = t.toUpperCase();
         if (u !== 'IDTR' && u !== 'GDTR') c.fail(`${p}.tables[${i}]`, `must be IDTR or GDTR (got ${JSON.stringify(t)})`);

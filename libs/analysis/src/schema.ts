@@ -179,6 +179,119 @@ CREATE TABLE heki_vms (
 CREATE INDEX heki_vms_host ON heki_vms (host_id);
 `,
   },
+  {
+    version: 3,
+    name: 'breakpoint-tracing',
+    sql: `
+CREATE TABLE traces (
+  trace_id text PRIMARY KEY,
+  vm_uuid text NOT NULL,
+  function text NOT NULL,
+  args int4 NOT NULL,
+  state text NOT NULL,
+  status text NOT NULL DEFAULT '',
+  created_by text NOT NULL DEFAULT '',
+  created_ns int8 NOT NULL,
+  stopped_ns int8 NOT NULL DEFAULT 0,
+  stopped_by text NOT NULL DEFAULT '',
+  profile text NOT NULL DEFAULT '',
+  boot_ms int8 NOT NULL DEFAULT 0,
+  gva text NOT NULL DEFAULT '',
+  gpa text NOT NULL DEFAULT '',
+  original_byte int4 NOT NULL DEFAULT -1
+);
+CREATE UNIQUE INDEX traces_active ON traces (vm_uuid, function) WHERE state = 'active';
+CREATE INDEX traces_vm ON traces (vm_uuid, created_ns);
+CREATE SEQUENCE trace_hit_ids;
+CREATE TABLE trace_hits (
+  hit_id int8 PRIMARY KEY DEFAULT nextval('trace_hit_ids'),
+  trace_id text NOT NULL,
+  vm_uuid text NOT NULL,
+  function text NOT NULL,
+  session_generation int8 NOT NULL,
+  event_seq int8 NOT NULL,
+  vcpu int4 NOT NULL,
+  rip text NOT NULL,
+  args jsonb NOT NULL,
+  hit_ns int8 NOT NULL,
+  UNIQUE (vm_uuid, session_generation, event_seq)
+);
+CREATE INDEX trace_hits_trace ON trace_hits (trace_id, hit_id);
+CREATE INDEX trace_hits_vm ON trace_hits (vm_uuid, hit_id);
+`,
+  },
+  {
+    version: 4,
+    name: 'audit',
+    // Every command that changes a guest, who asked, and its result (audit.ts).
+    sql: `
+CREATE TABLE audit_events (
+  audit_id text PRIMARY KEY,
+  seq int8 GENERATED ALWAYS AS IDENTITY,
+  occurred_ns int8 NOT NULL,
+  done_ns int8 NOT NULL DEFAULT 0,
+  actor text NOT NULL,
+  principal text NOT NULL DEFAULT '',
+  action text NOT NULL,
+  target text NOT NULL DEFAULT '',
+  vm_uuid text NOT NULL DEFAULT '',
+  host_id text NOT NULL DEFAULT '',
+  vcpu int4,
+  correlation_id int8,
+  replica_id text NOT NULL DEFAULT '',
+  reason text NOT NULL DEFAULT '',
+  result text NOT NULL DEFAULT 'pending',
+  success boolean,
+  details jsonb NOT NULL DEFAULT '{}'
+);
+CREATE INDEX audit_events_seq ON audit_events (seq);
+CREATE INDEX audit_events_vm ON audit_events (vm_uuid, seq);
+CREATE INDEX audit_events_time ON audit_events (occurred_ns);
+`,
+  },
+  {
+    version: 5,
+    name: 'replicas',
+    // Several replicas on one PostgreSQL (replicas.ts): who is alive, operations routed to a VM's owning
+    // replica (request and result, so a missed NOTIFY loses nothing), and the page restrictions applied per
+    // KVMI session (re-established once, whichever replica the agent reconnects to). Times that replicas
+    // compare are the database's clock (timestamptz), never a replica's.
+    sql: `
+CREATE TABLE replicas (
+  replica_id text PRIMARY KEY,
+  started_at timestamptz NOT NULL DEFAULT now(),
+  heartbeat_at timestamptz NOT NULL DEFAULT now(),
+  grpc_address text NOT NULL DEFAULT '',
+  http_address text NOT NULL DEFAULT '',
+  stopped boolean NOT NULL DEFAULT false
+);
+CREATE TABLE routed_operations (
+  op_id text PRIMARY KEY,
+  vm_uuid text NOT NULL,
+  name text NOT NULL,
+  args jsonb NOT NULL DEFAULT '{}',
+  requested_by text NOT NULL DEFAULT '',
+  origin_replica text NOT NULL,
+  target_replica text NOT NULL,
+  state text NOT NULL DEFAULT 'pending',
+  result jsonb,
+  error jsonb,
+  created_at timestamptz NOT NULL DEFAULT now(),
+  deadline_at timestamptz NOT NULL,
+  done_at timestamptz
+);
+CREATE INDEX routed_operations_target ON routed_operations (target_replica, state);
+CREATE TABLE vm_page_restrictions (
+  vm_uuid text PRIMARY KEY,
+  agent_instance_id text NOT NULL,
+  session_generation int8 NOT NULL,
+  pages_digest text NOT NULL,
+  pages int4 NOT NULL,
+  replica_id text NOT NULL,
+  applied_ns int8 NOT NULL
+);
+`,
+  },
 ];
 
 /** Apply the migrations not applied yet (idempotent; safe with several replicas starting together). */

@@ -23,6 +23,7 @@ import { AnalysisError, isAnalysisError } from './errors.js';
 import { healthImplementation, HealthService } from '@periscope/contracts';
 import { AgentSession } from './link.js';
 import { handleMemoryHttp } from './memory/http.js';
+import { handleTracingHttp } from './tracing-http.js';
 import type { ExceptionSpec } from './modules.js';
 import type { ModuleName } from './policy.js';
 import type { Analysis, TlsMaterial } from './service.js';
@@ -30,6 +31,8 @@ import { alertJson, jsonReplacer } from './sinks.js';
 import { serveStatic } from './static.js';
 import { startHealthServer, type HealthServer } from '@periscope/contracts';
 import { watchAlertsImplementation } from './alert-watch.js';
+import { auditToProto, httpPrincipal, operatorWho } from './audit.js';
+import { handleOperatorHttp } from './operator-http.js';
 import { SEVERITY_NAMES, severityNumber, type AlertFilter, type AlertRecord, type SeverityName } from './store.js';
 
 export interface Servers {
@@ -222,8 +225,14 @@ function operatorImplementation(a: Analysis, token: string | undefined, watches:
       await a.deleteException(req.exceptionId);
       return { policyVersion: 0n };
     }),
-    listAuditEvents: unary(async () => {
-      throw new AnalysisError('bad-request', 'the audit log arrives with issue #9');
+    listAuditEvents: unary(async (req: { pageSize: number; pageToken: string; actor: string; action: string; sinceUnixNs: bigint; untilUnixNs: bigint; vmUuid: Buffer }) => {
+      if (req.pageToken && !/^\d+$/.test(req.pageToken)) throw new AnalysisError('bad-request', 'page_token must be the token of a previous page');
+      const limit = size(req.pageSize);
+      const events = await a.audit.list({
+        limit, ...(req.actor ? { actor: req.actor } : {}), ...(req.action ? { action: req.action } : {}), ...(req.sinceUnixNs ? { sinceNs: req.sinceUnixNs } : {}),
+        ...(req.untilUnixNs ? { untilNs: req.untilUnixNs } : {}), ...(req.vmUuid?.length ? { vm: uuidFromBytes(req.vmUuid) } : {}), ...(req.pageToken ? { before: BigInt(req.pageToken) } : {}),
+      });
+      return { events: events.map(auditToProto), nextPageToken: events.length === limit ? events[events.length - 1]!.seq : '' };
     }),
     watchAlerts: watchAlertsImplementation(a, (h) => tokenOk(token, h), alertToProto, watches),
   };
@@ -318,6 +327,9 @@ async function handleHttp(a: Analysis, req: IncomingMessage, res: ServerResponse
     if (!tokenOk(token, req.headers.authorization)) throw new HttpError(401, 'unauthorized', 'a bearer token is required (Authorization: Bearer TOKEN)');
     let m: RegExpExecArray | null;
     if (await handleMemoryHttp(a, req, res, path, url)) return; // /v1/vms/{id}/scan, /v1/vms/{id}/integrity (memory/http.ts)
+    if (await handleTracingHttp(a, req, res, path, url)) return; // /v1/vms/{id}/traces, /v1/traces, /v1/traces/hits (tracing-http.ts)
+    const who = operatorWho(url.searchParams.get('by') ?? (req.headers['x-periscope-actor'] as string | undefined), httpPrincipal(req, token !== undefined));
+    if (await handleOperatorHttp(a, req, res, path, url, who)) return; // /v1/audit, /v1/vms/{id}/memory, /v1/vms/{id}/vcpus/{n}/registers (operator-http.ts)
     if (path === '/v1/heki' && method === 'GET') {
       const attached = [...a.liveVms.values()].map((v) => ({ uuid: v.uuid, name: v.name, hostId: v.hostId }));
       return send(res, 200, await a.heki.fleet(url.searchParams.get('host') ? { host: url.searchParams.get('host')! } : {}, attached));
@@ -349,7 +361,7 @@ async function handleHttp(a: Analysis, req: IncomingMessage, res: ServerResponse
       const vm = await a.store.findVm(decodeURIComponent(m[1]!));
       if (!vm) throw new HttpError(404, 'not-found', `no VM ${m[1]}`);
       const paused = m[2] === 'pause';
-      const r = await a.operations.run(vm.uuid, m[2]!, {}, typeof body['by'] === 'string' ? body['by'] : 'operator');
+      const r = await a.operations.run(vm.uuid, m[2]!, {}, operatorWho(typeof body['by'] === 'string' ? body['by'] : undefined, httpPrincipal(req, token !== undefined)));
       return send(res, r['status'] === 'ok' ? 200 : 202, { vm: { uuid: vm.uuid, name: vm.name, hostId: r['hostId'] }, paused, status: r['status'], message: r['message'] });
     }
     if (path === '/v1/alerts' && method === 'GET') {

@@ -8,11 +8,11 @@ import { randomUUID } from 'node:crypto';
 import { readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { hostname } from 'node:os';
-import { CommandStatus, Decision, EventAction, LocalPolicy, uuidFromBytes, VerdictTier, EventDisposition, type Detection, type LinkRequest } from '@periscope/contracts';
+import { CommandStatus, EventAction, LocalPolicy, uuidFromBytes, VerdictTier, EventDisposition, type Detection, type LinkRequest } from '@periscope/contracts';
 import { openDb, type Db } from './db.js';
 import { AnalysisError } from './errors.js';
 import { draftFromDetection, hex } from './evidence.js';
-import { deriveFacts, restrictPages } from './kci.js';
+import { deriveFacts } from './kci.js';
 import { AgentSession, enumName, recentEventOf, type LinkHandler, type LiveVm } from './link.js';
 import { Registry } from './metrics.js';
 import { buildHostPolicy, LOCAL_POLICY_ID, parseRuleId, type ExceptionSpec, type HostPolicy } from './modules.js';
@@ -26,6 +26,15 @@ import { HekiTracker } from './heki.js';
 import { MemoryService } from './memory/index.js';
 import { STATUS_KEY as MEMORY_STATUS_KEY } from './memory/integrity.js';
 import { VmOperations } from './operations.js';
+import { CentralVerdicts } from './central-verdicts.js';
+import { registerTraceOperations, Tracing } from './tracing.js';
+import { TraceStore } from './tracing-store.js';
+import { AuditLog } from './audit.js';
+import { ResponseEngine } from './responses.js';
+import { registerInspectOperations } from './inspect.js';
+import { ReplicaRouter, type ReplicaTuning } from './replicas.js';
+import { restrictPagesOnce } from './page-restrictions.js';
+import { DetectionRetry } from './detection-retry.js';
 
 export type LogLevel = 'debug' | 'info' | 'warn' | 'error';
 export type Log = (level: LogLevel, msg: string, fields?: Record<string, unknown>) => void;
@@ -67,6 +76,8 @@ export interface AnalysisOptions {
   readonly ringSize?: number;
   /** Serve the dashboard's built files (apps/dashboard/dist) at `/` of the HTTP server. */
   readonly dashboardDir?: string;
+  /** Several replicas on PostgreSQL: heartbeat, liveness and routing timeouts (replicas.ts). */
+  readonly replicas?: ReplicaTuning;
 }
 
 export interface AlertNotice {
@@ -80,6 +91,8 @@ interface Pending {
   verdicts: Map<string, { vm: string; ruleId: string; exceptionId: string; tier: string; action: string; count: number; lastNs: bigint }>;
   vmsSeen: Map<string, bigint>;
 }
+
+let instancesInProcess = 0;
 
 const emptyPending = (): Pending => ({ events: new Map(), vcpus: new Map(), verdicts: new Map(), vmsSeen: new Map() });
 
@@ -98,6 +111,14 @@ export class Analysis implements LinkHandler {
   readonly memory: MemoryService;
   /** Operations on a VM, run on the replica that owns it (operations.ts; cross-replica routing: replicas.ts). */
   readonly operations = new VmOperations((uuid) => this.liveVms.get(uuid));
+  /** Every command that changes a guest, who asked, its result (audit.ts). */
+  readonly audit: AuditLog;
+  /** Policy responses to detections: inject, crash (local rules), pause, quarantine (here) (responses.ts). */
+  readonly responses: ResponseEngine;
+  /** Answers to events agents hold for analysis: modules claim theirs, the rest go through (central-verdicts.ts). */
+  readonly central: CentralVerdicts;
+  /** Breakpoint tracing (tracing.ts). */
+  readonly tracing: Tracing;
   private readonly bus = new EventEmitter();
   private policies: StoredPolicy[] = [];
   private exceptions: ExceptionSpec[] = [];
@@ -109,8 +130,14 @@ export class Analysis implements LinkHandler {
   private readonly pushTimers = new Map<AgentSession, NodeJS.Timeout>();
   private servers: Servers | undefined;
   private sinks: AlertSinks | undefined;
+  /** Cross-replica routing and alert fan-out (replicas.ts); PostgreSQL only. */
+  private replicas: ReplicaRouter | undefined;
+  /** Command-log rows whose INSERT is still in flight (finishCommand waits for it). */
+  private readonly commandRowsInFlight = new Map<bigint, Promise<void>>();
   private readonly logFn: Log;
   private readonly m;
+  /** Detections whose storage failed, retried until stored (then acknowledged) or their stream closes. */
+  private readonly detectionRetry = new DetectionRetry({ store: (s, d) => this.storeDetection(s, d), log: (l, m, f) => this.log(l, m, f) });
 
   private constructor(readonly db: Db, readonly opts: AnalysisOptions) {
     this.store = new Store(db);
@@ -118,7 +145,8 @@ export class Analysis implements LinkHandler {
       db, store: this.store, registry: this.registry, log: (l, m, f) => this.log(l, m, f), specs: () => this.specs(),
       labels: (uuid) => this.liveVms.get(uuid)?.labels ?? {}, publish: (n) => this.publish(n), sessions: () => this.sessions.values(),
     });
-    this.replicaId = opts.replicaId ?? `${hostname()}-${process.pid}`;
+    // Default hostname-pid; a second instance in one process (tests, tools) gets a suffix: replica ids are unique.
+    this.replicaId = opts.replicaId ?? `${hostname()}-${process.pid}${++instancesInProcess > 1 ? `-${instancesInProcess}` : ''}`;
     this.ringSize = opts.ringSize ?? 256;
     this.commandTimeoutMs = opts.commandTimeoutMs ?? 5000;
     this.logFn = opts.log ?? (() => undefined);
@@ -134,6 +162,16 @@ export class Analysis implements LinkHandler {
       held: r.counter('periscope_analysis_central_verdicts_total', 'held events answered by analysis'),
       flushes: r.counter('periscope_analysis_counter_flushes_total', 'counter flushes to the database'),
     };
+    this.audit = new AuditLog(db, this.replicaId, (l, m, f) => this.log(l, m, f));
+    this.responses = new ResponseEngine({ db, operations: this.operations, audit: this.audit, specs: () => this.specs(), raiseAlert: (id, d) => this.raiseAlert(id, d), log: (l, m, f) => this.log(l, m, f) });
+    this.tracing = new Tracing({
+      store: this.store, traces: new TraceStore(db), profiles: this.profiles, liveVms: this.liveVms, registry: r, log: (l, m, f) => this.log(l, m, f),
+      pushPolicy: (s) => this.pushPolicy(s), profileName: (vm) => this.policies.find((p) => p.name === vm.policyName)?.spec.profile ?? 'linux-sim', track: (p) => this.track(p),
+    });
+    this.central = new CentralVerdicts(this.m.held);
+    this.central.register('tracing', (h) => this.tracing.claim(h));
+    this.memory.integrity.breakpoints = (vm) => this.tracing.plantedBytes(vm); // our INT3s hash as the original byte
+    registerTraceOperations(this.operations, this.tracing);
     this.registerVmOperations();
     r.gauge('periscope_analysis_agents_connected', 'agent links up on this replica').track(() => this.sessions.size);
     r.gauge('periscope_analysis_vms_attached', 'VMs attached through this replica').track(() => this.liveVms.size);
@@ -153,6 +191,7 @@ export class Analysis implements LinkHandler {
       a.sinks = new AlertSinks({ ...(opts.webhook ? { webhook: opts.webhook } : {}), ...(opts.alertsJsonl ? { jsonl: opts.alertsJsonl } : {}), log: a.logFn });
       a.flushTimer = setInterval(() => void a!.flush(), opts.flushMs ?? 1000);
       a.flushTimer.unref();
+      if (db.driver === 'postgres') await a.startReplicaRouter();
       a.servers = await startServers(a, {
         grpcListen: opts.grpcListen ?? '127.0.0.1:7400',
         ...(opts.httpListen ? { httpListen: opts.httpListen } : {}),
@@ -168,6 +207,7 @@ export class Analysis implements LinkHandler {
       return a;
     } catch (e) {
       if (a?.servers) await a.servers.close();
+      await a?.replicas?.stop().catch(() => undefined);
       await db.close().catch(() => undefined);
       throw e;
     }
@@ -193,14 +233,41 @@ export class Analysis implements LinkHandler {
   async stop(): Promise<void> {
     if (this.flushTimer) clearInterval(this.flushTimer);
     this.heki.stop();
+    this.responses.stop();
+    this.detectionRetry.stop();
     this.memory.stop();
+    this.tracing.close();
     for (const t of this.pushTimers.values()) clearTimeout(t);
     for (const s of [...this.sessions.values()]) await s.close();
     await this.servers?.close();
     await Promise.allSettled([...this.jobs]);
     await this.flush();
     await this.sinks?.close();
+    await this.audit.flushed();
+    await this.replicas?.stop();
     await this.db.close();
+  }
+
+  /** Several replicas: route operations on VMs owned elsewhere, share the live alert stream (replicas.ts). */
+  private async startReplicaRouter(): Promise<void> {
+    const router = await ReplicaRouter.start({
+      ...this.opts.replicas,
+      replicaId: this.replicaId, connectionString: this.opts.db, db: this.db, store: this.store, operations: this.operations,
+      commandTimeoutMs: this.commandTimeoutMs, log: this.logFn,
+      deliverAlert: (alert, outcome) => this.bus.emit('alert', { alert, outcome } satisfies AlertNotice), // live streams only: sinks fire where ingested
+      addresses: () => ({ grpc: this.grpcAddress, http: this.httpAddress }),
+      configChanged: async (vmUuid) => {
+        const vm = vmUuid ? this.liveVms.get(vmUuid) : undefined;
+        if (!vmUuid) return this.refresh({ fromReplica: true });
+        if (!vm) return;
+        vm.labels = (await this.store.getVm(vm.uuid))?.labels ?? vm.labels;
+        this.assign(vm);
+        await this.pushPolicy(vm.session);
+        this.heki.refresh();
+      },
+    });
+    this.replicas = router;
+    this.operations.setRemote(router.runRemote);
   }
 
   log(level: LogLevel, msg: string, fields?: Record<string, unknown>): void {
@@ -225,6 +292,7 @@ export class Analysis implements LinkHandler {
   private publish(n: AlertNotice): void {
     this.bus.emit('alert', n);
     this.sinks?.publish(n);
+    this.replicas?.alertPublished(n.alert, n.outcome); // the other replicas' live streams
   }
 
   // ---------------------------------------------------------------- policies
@@ -274,8 +342,9 @@ export class Analysis implements LinkHandler {
   }
 
   /** Re-read policies/exceptions, re-assign VMs, start module work where needed and push new local policies. */
-  async refresh(): Promise<void> {
+  async refresh(o: { fromReplica?: boolean } = {}): Promise<void> {
     await this.reloadCaches();
+    if (!o.fromReplica) this.replicas?.configChanged(); // the other replicas reload too
     for (const s of this.sessions.values()) {
       for (const vm of s.vms.values()) this.assign(vm);
       await this.pushPolicy(s);
@@ -335,7 +404,7 @@ export class Analysis implements LinkHandler {
       }
       if (!current()) return;
       await this.pushPolicy(s); // the PF rules are installed before the first page is restricted
-      const pages = await restrictPages(s, vm, spec, facts, this.profiles);
+      const { pages } = await restrictPagesOnce(this.db, this.replicaId, s, vm, spec, facts, this.profiles); // once per KVMI session
       if (current()) await set(`protected (${pages} pages write-protected)`);
       if (current()) this.track(this.memory.integrity.start(vm, spec, facts)); // hashing: memory/integrity.ts
     } catch (e) {
@@ -369,16 +438,23 @@ export class Analysis implements LinkHandler {
   /** The local policy a host with these VMs gets (exported for the CLI / tests). */
   build(vms: Parameters<typeof buildHostPolicy>[0]['vms'], version: bigint): HostPolicy {
     const now = nowNs();
-    return buildHostPolicy({ policies: this.specs(), exceptions: this.exceptions.filter((e) => !e.expiresNs || e.expiresNs > now), vms, profiles: this.profiles, version });
+    return buildHostPolicy({ policies: this.specs(), exceptions: this.exceptions.filter((e) => !e.expiresNs || e.expiresNs > now), vms, profiles: this.profiles, version, extraRules: this.tracing.localRules(vms.map((v) => v.uuid)) });
   }
 
   private schedulePush(s: AgentSession, delayMs = 20): void {
     const t = this.pushTimers.get(s);
     if (t) clearTimeout(t);
-    this.pushTimers.set(s, setTimeout(() => {
-      this.pushTimers.delete(s);
-      void this.pushPolicy(s);
-    }, delayMs));
+    const timer = setTimeout(() => {
+      // Build only once every message received so far is handled: on a new stream (analysis restarted, another
+      // replica) the agent sends its whole inventory right after hello, and a policy built before the last
+      // VmAttached would replace the agent's policy with one that leaves those VMs unprotected until the next push.
+      void s.idle().then(() => {
+        if (this.pushTimers.get(s) !== timer) return; // rescheduled meanwhile
+        this.pushTimers.delete(s);
+        void this.pushPolicy(s);
+      });
+    }, delayMs);
+    this.pushTimers.set(s, timer);
   }
 
   // ---------------------------------------------------------------- exceptions
@@ -447,12 +523,14 @@ export class Analysis implements LinkHandler {
       vm.labels = labels;
       this.assign(vm);
       await this.pushPolicy(vm.session);
-    }
+    } else this.replicas?.configChanged(uuid); // live on another replica: it reloads the labels
     this.heki.refresh();
   }
 
   // ---------------------------------------------------------------- VM operations
   private registerVmOperations(): void {
+    // mem-read, regs: VM_READ_PHYSICAL / VCPU_GET_REGISTERS for operators (inspect.ts).
+    registerInspectOperations(this.operations, async (uuid) => (await this.store.getVm(uuid))?.maxGfn ?? null);
     // Pause / resume: VmPauseControl to the owning agent, which persists the state and re-applies it when the
     // VM re-attaches (OK, or VM_NOT_ATTACHED: persisted, applied at attach).
     for (const paused of [true, false]) {
@@ -504,6 +582,7 @@ export class Analysis implements LinkHandler {
     this.liveVms.set(uuid, vm);
     this.assign(vm);
     this.schedulePush(s);
+    this.tracing.vmAttached(vm); // re-establish active traces (idempotent)
   }
 
   async onVmDetached(s: AgentSession, d: Extract<LinkRequest['message'], { $case: 'vmDetached' }>['value']): Promise<void> {
@@ -514,6 +593,7 @@ export class Analysis implements LinkHandler {
     if (vm && vm.generation === d.sessionGeneration) {
       s.vms.delete(uuid);
       if (this.liveVms.get(uuid) === vm) this.liveVms.delete(uuid);
+      this.tracing.vmDetached(uuid);
       this.schedulePush(s);
     }
   }
@@ -541,20 +621,15 @@ export class Analysis implements LinkHandler {
       }
       p.vmsSeen.set(uuid, now);
       this.m.events.inc({ kind });
+      if (kind === 'TRAP') this.responses.onEvent(e); // the TRAP after an inject response (responses.ts)
       const vm = s.vms.get(uuid);
       if (vm) {
         vm.ring.push(recentEventOf(e));
         if (vm.ring.length > this.ringSize) vm.ring.splice(0, vm.ring.length - this.ringSize);
       }
-      if (e.disposition === EventDisposition.EVENT_DISPOSITION_HELD) {
-        // Central verdict: no module holds events for central in part 1; a held event is let through
-        // (CONTINUE, keep the guest's value) at once rather than waiting for the agent's deadline.
-        this.m.held.inc();
-        s.send({
-          $case: 'verdict',
-          value: { vmUuid: e.vmUuid, sessionGeneration: e.sessionGeneration, seq: e.seq, decision: Decision.fromPartial({ action: EventAction.EVENT_ACTION_CONTINUE, replyValue: { policy: { $case: 'keepNew', value: {} } } }), ruleId: 'analysis/central-default', detectionId: '' },
-        });
-      }
+      // Central verdict: a module claims the held event (tracing: its breakpoints, steps and pauses), or it
+      // is let through at once (CONTINUE, the guest's value) rather than waiting for the agent's deadline.
+      if (e.disposition === EventDisposition.EVENT_DISPOSITION_HELD) this.central.dispatch(s, e);
     }
   }
 
@@ -571,6 +646,7 @@ export class Analysis implements LinkHandler {
         st.totalNs += ns;
         if (ns > st.maxNs) st.maxNs = ns;
       }
+      if (r.tier === VerdictTier.VERDICT_TIER_DEFAULT) this.tracing.onVerdictRecord(uuid, enumName.eventKind(r.kind), r.tier); // a trace's INT3 failed open: re-plant
       const tier = r.tier === VerdictTier.VERDICT_TIER_LOCAL ? 'local' : r.tier === VerdictTier.VERDICT_TIER_CENTRAL ? 'central' : r.tier === VerdictTier.VERDICT_TIER_DEFAULT ? 'default' : 'unknown';
       const action = r.action === EventAction.EVENT_ACTION_CONTINUE ? 'continue' : r.action === EventAction.EVENT_ACTION_RETRY ? 'retry' : r.action === EventAction.EVENT_ACTION_CRASH ? 'crash' : 'unknown';
       const k = `${uuid}|${r.ruleId}|${r.exceptionId}|${tier}|${action}`;
@@ -585,15 +661,26 @@ export class Analysis implements LinkHandler {
 
   async onDetection(s: AgentSession, d: Detection): Promise<void> {
     this.m.messages.inc({ kind: 'detection' });
+    try {
+      await this.storeDetection(s, d);
+    } catch (e) {
+      // Not stored, so not acknowledged: retried until stored or the stream closes (detection-retry.ts).
+      this.detectionRetry.add(s, d);
+      throw e;
+    }
+  }
+
+  private async storeDetection(s: AgentSession, d: Detection): Promise<void> {
     const uuid = uuidFromBytes(d.vmUuid);
     const name = s.vms.get(uuid)?.name ?? (await this.store.getVm(uuid))?.name ?? '';
     // A CR detection on a Heki VM may be the same incident as a Heki denial (heki.ts).
-    const r = await this.heki.ingestDetection(d, draftFromDetection(d, name), (id, draft) => this.store.ingestDetection(id, draft));
+    const r = await this.heki.ingestDetection(d, this.responses.adjustDraft(draftFromDetection(d, name)), (id, draft) => this.store.ingestDetection(id, draft));
     this.m.detections.inc({ outcome: r.outcome });
     if (r.outcome === 'created') this.m.alerts.inc({ severity: r.alert.severity });
     // Acknowledge after the commit: the agent may now delete it from its spool.
     s.send({ $case: 'detectionAck', value: { detectionIds: [d.detectionId] } });
     if (r.outcome !== 'duplicate') this.publish({ alert: r.alert, outcome: r.outcome });
+    if (r.outcome !== 'duplicate') this.track(this.responses.afterDetection(d, r.alert)); // not awaited: a pause awaits this link
   }
 
   async onMisc(s: AgentSession, m: LinkRequest['message']): Promise<void> {
@@ -611,6 +698,7 @@ export class Analysis implements LinkHandler {
         break;
       case 'policyStatus': {
         const st = enumName.policyState(m.value.state);
+        this.tracing.policyStatus(s, { version: m.value.version, state: st, error: m.value.error, activeVersion: m.value.activeVersion });
         await this.store.setHostPolicyStatus(s.hostId, { policyId: m.value.policyId, version: m.value.version, state: st, error: m.value.error, activeVersion: m.value.activeVersion });
         if (st === 'rejected') this.log('error', 'agent rejected the local policy', { host: s.hostId, version: m.value.version.toString(), error: m.value.error });
         break;
@@ -633,16 +721,30 @@ export class Analysis implements LinkHandler {
     this.sessions.delete(s.hostId);
     for (const [uuid, vm] of s.vms) if (this.liveVms.get(uuid) === vm) this.liveVms.delete(uuid);
     this.log('info', 'agent disconnected', { host: s.hostId });
-    await this.store.setHostConnected(s.hostId, false, nowNs()).catch((e: unknown) => this.log('warn', 'host state not stored', { error: (e as Error).message }));
+    await this.store.setHostConnected(s.hostId, false, nowNs(), this.replicaId).catch((e: unknown) => this.log('warn', 'host state not stored', { error: (e as Error).message }));
   }
 
   recordCommand(s: AgentSession, id: bigint, vm: LiveVm, vcpu: number, kind: string, purpose: string): void {
-    void this.store.recordCommand({ id, replicaId: this.replicaId, hostId: s.hostId, vm: vm.uuid, generation: vm.generation, vcpu, kind, purpose, sentNs: nowNs() }).catch(() => undefined);
+    const inserted = this.store.recordCommand({ id, replicaId: this.replicaId, hostId: s.hostId, vm: vm.uuid, generation: vm.generation, vcpu, kind, purpose, sentNs: nowNs() }).catch(() => undefined);
+    this.commandRowsInFlight.set(id, inserted);
+    void inserted.finally(() => {
+      if (this.commandRowsInFlight.get(id) === inserted) this.commandRowsInFlight.delete(id);
+    });
+  }
+
+  auditBegin(vm: LiveVm, vcpu: number, id: bigint, what: Parameters<NonNullable<LinkHandler['auditBegin']>>[3], purpose: string, by: string | undefined): ((status: string, message: string) => void) | undefined {
+    if (what.$case === 'pauseControl') return this.audit.pauseStarted(vm, id, what.paused, by ?? 'analysis');
+    return this.audit.commandStarted(vm, vcpu, id, what, purpose, by);
   }
 
   finishCommand(id: bigint, status: string, message: string): void {
     this.m.commands.inc({ status });
-    void this.store.finishCommand(id, status, message, nowNs()).catch(() => undefined);
+    // After the row's INSERT (both are fire-and-forget on a pool: the UPDATE could otherwise overtake it and be lost).
+    const doneNs = nowNs();
+    const inserted = this.commandRowsInFlight.get(id);
+    const update = () => this.store.finishCommand(id, status, message, doneNs).catch(() => undefined);
+    if (inserted) void inserted.then(update);
+    else void update();
   }
 
   nextCommandId(): Promise<bigint> {

@@ -271,9 +271,15 @@ export class Store {
     );
   }
 
-  async setHostConnected(hostId: string, connected: boolean, nowNs: bigint): Promise<void> {
-    await this.db.query('UPDATE hosts SET connected = $2, last_seen_ns = $3 WHERE host_id = $1', [hostId, connected, nowNs]);
-    if (!connected) await this.db.query('UPDATE vms SET attached = false, detached_ns = $2, detach_reason = $3 WHERE host_id = $1 AND attached', [hostId, nowNs, 'link-down']);
+  /**
+   * With `replicaId`, only while the host is still recorded on that replica: an agent that already reconnected
+   * to another replica (which stored its hello) is not marked down by the replica it left.
+   */
+  async setHostConnected(hostId: string, connected: boolean, nowNs: bigint, replicaId?: string): Promise<void> {
+    const rows = replicaId === undefined
+      ? await this.db.query('UPDATE hosts SET connected = $2, last_seen_ns = $3 WHERE host_id = $1 RETURNING host_id', [hostId, connected, nowNs])
+      : await this.db.query('UPDATE hosts SET connected = $2, last_seen_ns = $3 WHERE host_id = $1 AND replica_id = $4 RETURNING host_id', [hostId, connected, nowNs, replicaId]);
+    if (!connected && rows.length > 0) await this.db.query('UPDATE vms SET attached = false, detached_ns = $2, detach_reason = $3 WHERE host_id = $1 AND attached', [hostId, nowNs, 'link-down']);
   }
 
   async touchHosts(lastSeen: ReadonlyMap<string, bigint>): Promise<void> {

@@ -77,7 +77,7 @@ export async function resetDatabase(url: string): Promise<void> {
   const db = await openDb(url);
   try {
     await migrate(db);
-    await db.exec('TRUNCATE hosts, vms, vcpus, event_counts, verdict_counts, losses, alert_detections, alerts, policies, exceptions, commands, heki_vms');
+    await db.exec('TRUNCATE hosts, vms, vcpus, event_counts, verdict_counts, losses, alert_detections, alerts, policies, exceptions, commands, heki_vms, replicas, routed_operations, vm_page_restrictions');
   } finally {
     await db.close();
   }

@@ -13,7 +13,9 @@
 //
 // The simulator (KVM/QEMU side, RAM file, simulated /dev/kvmmem for both ABIs) runs in a child process;
 // the bench process holds the KVMI tool side, the analysis end (GuestMemoryHub on a grpc-js server) and the
-// guest agent. Run after the build (`npm run bench` does it through nx). GUEST_BENCH_MIB sets the size.
+// guest agent. Run after the build (`npm run bench` does it through nx). GUEST_BENCH_MIB sets the size,
+// GUEST_BENCH_V1=0 skips ABI v1 (one token per page). `--json`: the human table goes to stderr and stdout
+// gets one JSON line (read by bench/run.mjs).
 import { fork } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { rmSync } from 'node:fs';
@@ -30,6 +32,9 @@ const WINDOW = Number(process.env.GUEST_BENCH_WINDOW ?? 128);
 const BASE = 0x1000000n; // 16 MiB: past the VGA hole and the kernel image
 const LENGTH = BigInt(MIB) << 20n;
 const SECRET = Buffer.from('guest-bench');
+const V1 = process.env.GUEST_BENCH_V1 !== '0';
+const JSON_OUT = process.argv.includes('--json');
+const say = JSON_OUT ? (...a) => console.error(...a) : (...a) => console.log(...a);
 const progress = (msg) => process.stderr.write(`[guest-agent bench] ${msg}\n`);
 const sock = (tag) => join(tmpdir(), `gab-${tag}-${process.pid}-${randomBytes(3).toString('hex')}.sock`);
 
@@ -166,8 +171,7 @@ async function main() {
   const read = median(reads);
   progress('ABI v2 mappings…');
   const v2 = await mappedPaths(2);
-  progress('ABI v1 mappings…');
-  const v1 = await mappedPaths(1);
+  const v1 = V1 ? (progress('ABI v1 mappings…'), await mappedPaths(1)) : null;
 
   child.disconnect();
   session.close();
@@ -177,14 +181,16 @@ async function main() {
 
   const mibs = (s) => (MIB / s).toFixed(0).padStart(6);
   const ratio = (s) => `${(read / s).toFixed(1)}×`.padStart(7);
-  console.log(`\nGuest agent benchmark — SHA-256 per 4 KiB page of ${MIB} MiB of guest memory; ${cpus()[0]?.model ?? 'cpu'} × ${cpus().length}, node ${process.version}; median of ${ROUNDS}`);
-  console.log('   path                                            seconds   MiB/s   vs read');
-  console.log(`   VM_READ_PHYSICAL (${WINDOW} in flight)                  ${read.toFixed(3).padStart(7)}  ${mibs(read)}     1.0×`);
-  console.log(`   ABI v2 cold (${v2.tokensPerRound} tokens, ${v2.tokensPerRound} map calls)        ${v2.cold.toFixed(3).padStart(7)}  ${mibs(v2.cold)}  ${ratio(v2.cold)}   (target ≥ 10×)`);
-  console.log(`   ABI v2 warm                                     ${v2.warm.toFixed(3).padStart(7)}  ${mibs(v2.warm)}  ${ratio(v2.warm)}   (target ≥ 10×)`);
-  console.log(`   ABI v1 cold (${v1.tokensPerRound} tokens, one per page)     ${v1.cold.toFixed(3).padStart(7)}  ${mibs(v1.cold)}  ${ratio(v1.cold)}`);
-  console.log(`   ABI v1 warm                                     ${v1.warm.toFixed(3).padStart(7)}  ${mibs(v1.warm)}  ${ratio(v1.warm)}`);
-  console.log(JSON.stringify({ bench: 'guest-agent', mib: MIB, rounds: ROUNDS, window: WINDOW, seconds: { read, v2cold: v2.cold, v2warm: v2.warm, v1cold: v1.cold, v1warm: v1.warm }, ratios: { v2cold: read / v2.cold, v2warm: read / v2.warm, v1cold: read / v1.cold, v1warm: read / v1.warm }, tokens: { v1: v1.tokensPerRound, v2: v2.tokensPerRound } }));
+  say(`\nGuest agent benchmark — SHA-256 per 4 KiB page of ${MIB} MiB of guest memory; ${cpus()[0]?.model ?? 'cpu'} × ${cpus().length}, node ${process.version}; median of ${ROUNDS}`);
+  say('   path                                            seconds   MiB/s   vs read');
+  say(`   VM_READ_PHYSICAL (${WINDOW} in flight)                  ${read.toFixed(3).padStart(7)}  ${mibs(read)}     1.0×`);
+  say(`   ABI v2 cold (${v2.tokensPerRound} tokens, ${v2.tokensPerRound} map calls)        ${v2.cold.toFixed(3).padStart(7)}  ${mibs(v2.cold)}  ${ratio(v2.cold)}   (target ≥ 10×)`);
+  say(`   ABI v2 warm                                     ${v2.warm.toFixed(3).padStart(7)}  ${mibs(v2.warm)}  ${ratio(v2.warm)}   (target ≥ 10×)`);
+  if (v1) {
+    say(`   ABI v1 cold (${v1.tokensPerRound} tokens, one per page)     ${v1.cold.toFixed(3).padStart(7)}  ${mibs(v1.cold)}  ${ratio(v1.cold)}`);
+    say(`   ABI v1 warm                                     ${v1.warm.toFixed(3).padStart(7)}  ${mibs(v1.warm)}  ${ratio(v1.warm)}`);
+  }
+  console.log(JSON.stringify({ bench: 'guest-agent', mib: MIB, rounds: ROUNDS, window: WINDOW, seconds: { read, v2cold: v2.cold, v2warm: v2.warm, v1cold: v1?.cold ?? null, v1warm: v1?.warm ?? null }, ratios: { v2cold: read / v2.cold, v2warm: read / v2.warm, v1cold: v1 ? read / v1.cold : null, v1warm: v1 ? read / v1.warm : null }, tokens: { v1: v1?.tokensPerRound ?? null, v2: v2.tokensPerRound } }));
 }
 
 function unpack(packed) {

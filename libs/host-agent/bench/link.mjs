@@ -7,6 +7,8 @@
 //      the analysis peer (`@periscope/testing`, answering every held event at once) as another. Baseline in
 //      the same run: a raw grpc-js bidi ping-pong from this process to the same peer — one pre-encoded HELD
 //      EventBatch up, the verdict back — i.e. the gRPC round trip without the agent and KVMI.
+//
+// `--json`: the human table goes to stderr and stdout gets one JSON line (read by bench/run.mjs).
 import { fork, spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { request } from 'node:http';
@@ -19,6 +21,8 @@ const root = join(here, '../../..');
 const ROUNDS = Number(process.env.AGENT_LINK_BENCH_ROUNDS ?? 2000);
 // Extra node flags for the agent and peer processes (profiling), e.g. "--cpu-prof --cpu-prof-dir=/tmp/p".
 const NODE_ARGS = (process.env.AGENT_BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean);
+const JSON_OUT = process.argv.includes('--json');
+const say = JSON_OUT ? (...a) => console.error(...a) : (...a) => console.log(...a);
 const progress = (msg) => process.stderr.write(`[agent link bench] ${msg}\n`);
 const pct = (sorted, p) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -157,14 +161,14 @@ async function main() {
   const a = stats(ask);
   const l = stats(local);
   const f = (x) => x.toFixed(1).padStart(8);
-  console.log(`\nHost agent link benchmark — ${cpus()[0]?.model ?? 'cpu'} × ${cpus().length}, node ${process.version}`);
-  console.log(`\nB4. ask-central stall (guest CR4 write held, verdict from analysis, applied); ${ROUNDS} rounds, first 10% dropped`);
-  console.log('   path                                      p50 µs    p99 µs');
-  console.log(`   ask central (sim → agent → peer → back) ${f(a.p50)}  ${f(a.p99)}   (target p99 ≤ 1000 µs)`);
-  console.log(`   raw grpc-js bidi ping-pong, same peer   ${f(raw.p50)}  ${f(raw.p99)}`);
-  console.log(`   local deny, same agent (no central)     ${f(l.p50)}  ${f(l.p99)}`);
-  console.log(`   agent's own stall (event parsed → reply written), mean: ask central ${agentStall.askMeanUs.toFixed(1)} µs, local deny ${agentStall.localMeanUs.toFixed(1)} µs`);
-  console.log(`   longest vCPU wait seen by the simulator: ${defaults} ms`);
+  say(`\nHost agent link benchmark — ${cpus()[0]?.model ?? 'cpu'} × ${cpus().length}, node ${process.version}`);
+  say(`\nB4. ask-central stall (guest CR4 write held, verdict from analysis, applied); ${ROUNDS} rounds, first 10% dropped`);
+  say('   path                                      p50 µs    p99 µs');
+  say(`   ask central (sim → agent → peer → back) ${f(a.p50)}  ${f(a.p99)}   (target p99 ≤ 1000 µs)`);
+  say(`   raw grpc-js bidi ping-pong, same peer   ${f(raw.p50)}  ${f(raw.p99)}`);
+  say(`   local deny, same agent (no central)     ${f(l.p50)}  ${f(l.p99)}`);
+  say(`   agent's own stall (event parsed → reply written), mean: ask central ${agentStall.askMeanUs.toFixed(1)} µs, local deny ${agentStall.localMeanUs.toFixed(1)} µs`);
+  say(`   longest vCPU wait seen by the simulator: ${defaults} ms`);
   console.log(JSON.stringify({ bench: 'host-agent-link', rounds: ROUNDS, askCentral: a, rawPingPong: raw, localDeny: l, agentStall, maxReplyWaitMs: defaults }));
 }
 

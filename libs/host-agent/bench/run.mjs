@@ -7,7 +7,10 @@
 //      on, 64 VMs attached — vs the same harness against a raw responder process that echoes a
 //      pre-encoded reply with only the seq patched (nothing decoded).
 //  B2  PF-skip verdicts: time per denied write and KVMI round trips per verdict.
-//  B3  agent RSS with 1024 idle VMs attached.
+//  B3  agent RSS with 1024 idle VMs attached, the time to attach them all and the agent's idle CPU after.
+//
+// `--json`: the human tables go to stderr and stdout gets one JSON line (bench/run.mjs, the suite, reads
+// it). `--phases cr,pf,idle` runs only those phases (default: all three).
 import { fork, spawn } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync, existsSync } from 'node:fs';
 import { createServer } from 'node:net';
@@ -26,6 +29,10 @@ const agentLib = await import(join(root, 'libs/host-agent/dist/index.js'));
 const ROUNDS = Number(process.env.AGENT_BENCH_ROUNDS ?? 3000);
 const VMS = Number(process.env.AGENT_BENCH_VMS ?? 64);
 const IDLE_VMS = Number(process.env.AGENT_BENCH_IDLE_VMS ?? 1024);
+const IDLE_CPU_S = Number(process.env.AGENT_BENCH_IDLE_CPU_SECONDS ?? 5);
+const JSON_OUT = process.argv.includes('--json');
+const PHASES = new Set((process.argv.includes('--phases') ? process.argv[process.argv.indexOf('--phases') + 1] : 'cr,pf,idle').split(','));
+const say = JSON_OUT ? (...a) => console.error(...a) : (...a) => console.log(...a);
 const SMEP = 1n << 20n;
 const KERNEL_BASE = 0xffffffff80000000n;
 
@@ -106,6 +113,12 @@ async function allProtected(dir, n) {
   return vms.length === n && vms.every((v) => v.state === 'protected');
 }
 
+function cpuSeconds(pid) {
+  const st = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const f = st.slice(st.lastIndexOf(')') + 2).split(' ');
+  return (Number(f[11]) + Number(f[12])) / 100; // utime + stime, in USER_HZ (100 on Linux)
+}
+
 function rssMiB(pid) {
   const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
   return m ? Number(m[1]) / 1024 : NaN;
@@ -133,65 +146,83 @@ async function main() {
   writeFileSync(policyPath, verdicts.formatPolicy(merged));
   const opts = { jitterMs: 0, paddingNoise: true };
 
-  // B1 with the agent.
-  progress(`B1: agent + ${VMS} VMs`);
-  const agent = await startAgent(dir, policyPath);
-  const fleet = new sim.Simulator({ introspector: join(dir, 'k.sock'), vms: VMS, vcpus: 1, key: Buffer.from('bench'), ...opts, apsOnline: true });
-  await fleet.start();
-  await until(() => allProtected(dir, VMS), 120000);
-  progress(`B1: ${ROUNDS} CR rounds through the agent`);
-  const withAgent = await crRounds(fleet.vms[0], ROUNDS);
-  // B2: PF skip on VM 1 (page restricted by a policy-independent page-access entry is not available
-  // through the CLI; the default policy's kernel-text rule covers writes to the kernel image mapping).
-  await fleet.shutdown();
-  agent.kill('SIGTERM');
-  await new Promise((r) => agent.once('exit', r));
-
-  // B1 with the raw responder.
-  progress('B1: raw responder');
+  let withAgent, withRaw, pf, idleResult;
   const rawDir = mkdtempSync(join(tmpdir(), 'hab-raw-'));
-  const raw = fork(fileURLToPath(import.meta.url), ['--raw-responder', join(rawDir, 'k.sock')], { stdio: 'inherit' });
-  children.add(raw);
-  await new Promise((r) => raw.once('message', r));
-  const rawFleet = new sim.Simulator({ introspector: join(rawDir, 'k.sock'), vms: VMS, vcpus: 1, key: Buffer.from('bench'), ...opts, apsOnline: true });
-  await rawFleet.start();
-  await until(() => rawFleet.vms.every((v) => v.hooked));
-  await sleep(500);
-  const withRaw = await crRounds(rawFleet.vms[0], ROUNDS);
-  await rawFleet.shutdown().catch(() => undefined);
-  raw.kill();
+  const idleDir = mkdtempSync(join(tmpdir(), 'hab-idle-'));
+  if (PHASES.has('cr')) {
+    // B1 with the agent.
+    progress(`B1: agent + ${VMS} VMs`);
+    const agent = await startAgent(dir, policyPath);
+    const fleet = new sim.Simulator({ introspector: join(dir, 'k.sock'), vms: VMS, vcpus: 1, key: Buffer.from('bench'), ...opts, apsOnline: true });
+    await fleet.start();
+    await until(() => allProtected(dir, VMS), 120000);
+    progress(`B1: ${ROUNDS} CR rounds through the agent`);
+    withAgent = await crRounds(fleet.vms[0], ROUNDS);
+    // B2: PF skip on VM 1 (page restricted by a policy-independent page-access entry is not available
+    // through the CLI; the default policy's kernel-text rule covers writes to the kernel image mapping).
+    await fleet.shutdown();
+    agent.kill('SIGTERM');
+    await new Promise((r) => agent.once('exit', r));
+
+    // B1 with the raw responder.
+    progress('B1: raw responder');
+    const raw = fork(fileURLToPath(import.meta.url), ['--raw-responder', join(rawDir, 'k.sock')], { stdio: 'inherit' });
+    children.add(raw);
+    await new Promise((r) => raw.once('message', r));
+    const rawFleet = new sim.Simulator({ introspector: join(rawDir, 'k.sock'), vms: VMS, vcpus: 1, key: Buffer.from('bench'), ...opts, apsOnline: true });
+    await rawFleet.start();
+    await until(() => rawFleet.vms.every((v) => v.hooked));
+    await sleep(500);
+    withRaw = await crRounds(rawFleet.vms[0], ROUNDS);
+    await rawFleet.shutdown().catch(() => undefined);
+    raw.kill();
+  }
 
   // B2: PF-skip verdicts, in process (the page restriction is set through the agent library): a guest
   // loop of `mov [rdi], rax` into a write-protected page; each write is skipped (decode at RIP,
   // SET_REGISTERS, RETRY) and the guest goes on to the next instruction.
-  progress('B2: PF-skip verdicts');
-  const pf = await pfSkipBench(Math.min(ROUNDS, 1000));
+  if (PHASES.has('pf')) {
+    progress('B2: PF-skip verdicts');
+    pf = await pfSkipBench(Math.min(ROUNDS, 1000));
+  }
 
-  // B3: RSS with 1024 idle VMs.
-  progress(`B3: ${IDLE_VMS} idle VMs`);
-  const idleDir = mkdtempSync(join(tmpdir(), 'hab-idle-'));
-  const idleAgent = await startAgent(idleDir, policyPath);
-  const rssBefore = rssMiB(idleAgent.pid);
-  const idle = new sim.Simulator({ introspector: join(idleDir, 'k.sock'), vms: IDLE_VMS, vcpus: 1, key: Buffer.from('bench'), ...opts, apsOnline: true, memoryMiB: 32 });
-  await idle.start();
-  await until(() => allProtected(idleDir, IDLE_VMS), 300000);
-  await sleep(500);
-  const rssIdle = rssMiB(idleAgent.pid);
-  await idle.shutdown();
-  idleAgent.kill('SIGTERM');
-  await new Promise((r) => idleAgent.once('exit', r));
+  // B3: RSS with 1024 idle VMs, the time to attach them (simulator start → every VM `protected` in the
+  // agent's local API, polled every 20 ms) and the agent's CPU while they sit idle.
+  if (PHASES.has('idle')) {
+    progress(`B3: ${IDLE_VMS} idle VMs`);
+    const idleAgent = await startAgent(idleDir, policyPath);
+    await sleep(500);
+    const rssBefore = rssMiB(idleAgent.pid);
+    const idle = new sim.Simulator({ introspector: join(idleDir, 'k.sock'), vms: IDLE_VMS, vcpus: 1, key: Buffer.from('bench'), ...opts, apsOnline: true, memoryMiB: 32 });
+    const t0 = performance.now();
+    await idle.start();
+    await until(() => allProtected(idleDir, IDLE_VMS), 300000);
+    const attachSeconds = (performance.now() - t0) / 1000;
+    await sleep(1000);
+    const c0 = cpuSeconds(idleAgent.pid);
+    const w0 = performance.now();
+    await sleep(IDLE_CPU_S * 1000);
+    const idleCpuPercent = ((cpuSeconds(idleAgent.pid) - c0) / ((performance.now() - w0) / 1000)) * 100;
+    const rssIdle = rssMiB(idleAgent.pid);
+    await idle.shutdown();
+    idleAgent.kill('SIGTERM');
+    await new Promise((r) => idleAgent.once('exit', r));
+    idleResult = { start: rssBefore, idleVms: IDLE_VMS, attached: rssIdle, attachSeconds, idleCpuPercent, idleCpuSeconds: IDLE_CPU_S };
+  }
   for (const d of [dir, rawDir, idleDir]) rmSync(d, { recursive: true, force: true });
 
   const f = (x) => x.toFixed(1).padStart(7);
-  console.log(`\nHost agent benchmark — ${cpus()[0]?.model ?? 'cpu'} × ${cpus().length}, node ${process.version}`);
-  console.log(`\nB1. vCPU stall for a CR4.SMEP-clear deny, ${VMS} VMs attached, policy ${merged.rules.length} rules, metrics on; ${ROUNDS} rounds (first 10% dropped)`);
-  console.log('   responder                       p50 µs   p99 µs');
-  console.log(`   host agent (separate process) ${f(withAgent.p50)}  ${f(withAgent.p99)}`);
-  console.log(`   raw responder (seq patched)   ${f(withRaw.p50)}  ${f(withRaw.p99)}`);
-  console.log(`   ratio agent/raw               ${(withAgent.p50 / withRaw.p50).toFixed(2).padStart(7)}  ${(withAgent.p99 / withRaw.p99).toFixed(2).padStart(7)}   (targets: p50 ≤ 1.30, p99 ≤ 2.00)`);
-  console.log(`\nB2. PF write to a protected page skipped (in-process agent, ${pf.n} writes): p50 ${pf.p50.toFixed(1)} µs, p99 ${pf.p99.toFixed(1)} µs per write, ${pf.roundTrips} KVMI round trips per verdict (TRANSLATE_GVA, READ_PHYSICAL, SET_REGISTERS, reply)`);
-  console.log(`\nB3. agent RSS: ${rssBefore.toFixed(0)} MiB at start, ${rssIdle.toFixed(0)} MiB with ${IDLE_VMS} idle VMs attached (target ≤ 512 MiB)`);
-  console.log(JSON.stringify({ bench: 'host-agent', vms: VMS, rules: merged.rules.length, stall: { agent: withAgent, raw: withRaw, ratioP50: withAgent.p50 / withRaw.p50, ratioP99: withAgent.p99 / withRaw.p99 }, pfSkip: pf, rssMiB: { start: rssBefore, idleVms: IDLE_VMS, attached: rssIdle } }));
+  say(`\nHost agent benchmark — ${cpus()[0]?.model ?? 'cpu'} × ${cpus().length}, node ${process.version}`);
+  if (withAgent && withRaw) {
+    say(`\nB1. vCPU stall for a CR4.SMEP-clear deny, ${VMS} VMs attached, policy ${merged.rules.length} rules, metrics on; ${ROUNDS} rounds (first 10% dropped)`);
+    say('   responder                       p50 µs   p99 µs');
+    say(`   host agent (separate process) ${f(withAgent.p50)}  ${f(withAgent.p99)}`);
+    say(`   raw responder (seq patched)   ${f(withRaw.p50)}  ${f(withRaw.p99)}`);
+    say(`   ratio agent/raw               ${(withAgent.p50 / withRaw.p50).toFixed(2).padStart(7)}  ${(withAgent.p99 / withRaw.p99).toFixed(2).padStart(7)}   (targets: p50 ≤ 1.30, p99 ≤ 2.00)`);
+  }
+  if (pf) say(`\nB2. PF write to a protected page skipped (in-process agent, ${pf.n} writes): p50 ${pf.p50.toFixed(1)} µs, p99 ${pf.p99.toFixed(1)} µs per write, ${pf.roundTrips} KVMI round trips per verdict (TRANSLATE_GVA, READ_PHYSICAL, SET_REGISTERS, reply)`);
+  if (idleResult) say(`\nB3. agent RSS: ${idleResult.start.toFixed(0)} MiB at start, ${idleResult.attached.toFixed(0)} MiB with ${IDLE_VMS} idle VMs attached (target ≤ 512 MiB); attached in ${idleResult.attachSeconds.toFixed(1)} s; idle CPU ${idleResult.idleCpuPercent.toFixed(1)} % of a core over ${IDLE_CPU_S} s`);
+  console.log(JSON.stringify({ bench: 'host-agent', vms: VMS, rounds: ROUNDS, rules: merged.rules.length, stall: withAgent && withRaw ? { agent: withAgent, raw: withRaw, ratioP50: withAgent.p50 / withRaw.p50, ratioP99: withAgent.p99 / withRaw.p99 } : null, pfSkip: pf ?? null, rssMiB: idleResult ?? null }));
 }
 
 // ---- raw responder (child process) ---------------------------------------------------------------

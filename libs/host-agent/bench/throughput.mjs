@@ -20,8 +20,9 @@
 //  4. Baseline in the same run: the same generator (raw mode, no handshake) against a C echo responder
 //     that answers each event with the recorded reply, seq/vcpu/new_val patched.
 //
+// `--json`: the human table goes to stderr and stdout gets one JSON line (read by bench/run.mjs).
 // `--short` (or BENCH_SHORT=1): CI-sized (1 s warm-up, 3 s measured). Env: AGENT_TPUT_VMS (64),
-// AGENT_TPUT_VCPUS (4), AGENT_TPUT_INFLIGHT (1), AGENT_TPUT_SECONDS (10), AGENT_TPUT_REPORT=all|half.
+// AGENT_TPUT_VCPUS (4), AGENT_TPUT_INFLIGHT (1), AGENT_TPUT_SECONDS (10), AGENT_TPUT_WARMUP_SECONDS (2), AGENT_TPUT_REPORT=all|half.
 import { execFileSync, fork, spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { request } from 'node:http';
@@ -38,11 +39,13 @@ const VMS = Number(process.env.AGENT_TPUT_VMS ?? 64);
 const VCPUS = Number(process.env.AGENT_TPUT_VCPUS ?? 4);
 const INFLIGHT = Number(process.env.AGENT_TPUT_INFLIGHT ?? 1);
 const MEASURE_S = Number(process.env.AGENT_TPUT_SECONDS ?? (SHORT ? 3 : 10));
-const WARMUP_S = SHORT ? 1 : 2;
+const WARMUP_S = Number(process.env.AGENT_TPUT_WARMUP_SECONDS ?? (SHORT ? 1 : 2));
 const REPORT_ALL = process.env.AGENT_TPUT_REPORT === 'all';
 const PGE = 1n << 7n;
 const PCE = 1n << 8n;
 
+const JSON_OUT = process.argv.includes('--json');
+const say = JSON_OUT ? (...a) => console.error(...a) : (...a) => console.log(...a);
 const progress = (msg) => process.stderr.write(`[agent throughput bench] ${msg}\n`);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 async function until(cond, ms = 60000, what = 'condition') {
@@ -330,15 +333,15 @@ async function main() {
 
   const r = withAgent.result;
   const k = (n) => `${(n / 1000).toFixed(1)}k`;
-  console.log(`\nHost agent throughput benchmark — ${cpus()[0]?.model ?? 'cpu'} × ${cpus().length}, node ${process.version}${SHORT ? ' (--short)' : ''}`);
-  console.log(`load average before ${load0.join(' ')}, after ${load1.join(' ')}`);
-  console.log(`\nB5. sustained events/s, ${VMS} VMs × ${VCPUS} vCPUs = ${streams} vCPU streams, ${INFLIGHT} event(s) in flight per vCPU, ${MEASURE_S} s after ${WARMUP_S} s warm-up`);
-  console.log(`   events: CR4.PGE toggle (rule bench-cr4-pge, allow, reported) / CR4.PCE toggle (no rule, allow${REPORT_ALL ? ', reported by defaultReport' : ', not reported'}), alternating; policy ${policy.rules.length} rules`);
-  console.log('   responder                    events/s    rtt p50 / p99 µs   CPU% (100 = one core)');
-  console.log(`   host agent + analysis peer  ${k(r.eventsPerSec).padStart(8)}    ${String(r.rttUs.p50).padStart(6)} / ${String(r.rttUs.p99).padEnd(6)}     agent ${withAgent.cpu.agent}, generator ${withAgent.cpu.generator}, peer ${withAgent.cpu.peer}   (target ≥ 100k/s)`);
-  console.log(`   raw C echo responder        ${k(raw.result.eventsPerSec).padStart(8)}    ${String(raw.result.rttUs.p50).padStart(6)} / ${String(raw.result.rttUs.p99).padEnd(6)}     responder ${raw.cpu.responder}, generator ${raw.cpu.generator}`);
-  console.log(`   reported to analysis: ${k(reportedPerSec)} verdict records/s in ${batchesPerSec.toFixed(0)} batches/s; dropped (queue full) ${dropped}; bad replies ${r.bad}`);
-  console.log(`   agent's own decision time (event parsed → reply queued), mean over the agent's life: ${stallCount ? ((stallSum / stallCount) * 1e6).toFixed(1) : '?'} µs`);
+  say(`\nHost agent throughput benchmark — ${cpus()[0]?.model ?? 'cpu'} × ${cpus().length}, node ${process.version}${SHORT ? ' (--short)' : ''}`);
+  say(`load average before ${load0.join(' ')}, after ${load1.join(' ')}`);
+  say(`\nB5. sustained events/s, ${VMS} VMs × ${VCPUS} vCPUs = ${streams} vCPU streams, ${INFLIGHT} event(s) in flight per vCPU, ${MEASURE_S} s after ${WARMUP_S} s warm-up`);
+  say(`   events: CR4.PGE toggle (rule bench-cr4-pge, allow, reported) / CR4.PCE toggle (no rule, allow${REPORT_ALL ? ', reported by defaultReport' : ', not reported'}), alternating; policy ${policy.rules.length} rules`);
+  say('   responder                    events/s    rtt p50 / p99 µs   CPU% (100 = one core)');
+  say(`   host agent + analysis peer  ${k(r.eventsPerSec).padStart(8)}    ${String(r.rttUs.p50).padStart(6)} / ${String(r.rttUs.p99).padEnd(6)}     agent ${withAgent.cpu.agent}, generator ${withAgent.cpu.generator}, peer ${withAgent.cpu.peer}   (target ≥ 100k/s)`);
+  say(`   raw C echo responder        ${k(raw.result.eventsPerSec).padStart(8)}    ${String(raw.result.rttUs.p50).padStart(6)} / ${String(raw.result.rttUs.p99).padEnd(6)}     responder ${raw.cpu.responder}, generator ${raw.cpu.generator}`);
+  say(`   reported to analysis: ${k(reportedPerSec)} verdict records/s in ${batchesPerSec.toFixed(0)} batches/s; dropped (queue full) ${dropped}; bad replies ${r.bad}`);
+  say(`   agent's own decision time (event parsed → reply queued), mean over the agent's life: ${stallCount ? ((stallSum / stallCount) * 1e6).toFixed(1) : '?'} µs`);
   console.log(JSON.stringify({ bench: 'host-agent-throughput', short: SHORT, vms: VMS, vcpus: VCPUS, inflight: INFLIGHT, seconds: MEASURE_S, load: { before: load0, after: load1 }, agent: { ...r, cpu: withAgent.cpu, reportedPerSec, batchesPerSec, dropped }, raw: { ...raw.result, cpu: raw.cpu } }));
 }
 

@@ -174,6 +174,13 @@ export class HostAgent {
     r.gauge('periscope_agent_commands_total', 'commands from analysis executed').track(() => link.commands.stats.executed);
     r.gauge('periscope_agent_commands_refused_total', 'commands refused by the agent allow-list').track(() => link.commands.stats.refused);
     r.gauge('periscope_agent_vms_paused', 'VMs paused by analysis (persisted)').track(() => link.pauses.size);
+    const w = link.writes.stats;
+    const bp = r.gauge('periscope_agent_analysis_breakpoints_total', "breakpoint events answered by the agent for analysis's tracing, by outcome (docs/tracing.md)");
+    bp.track(() => w.breakpointFailOpen, { outcome: 'fail_open_restored' });
+    bp.track(() => w.singlestepFailOpen, { outcome: 'singlestep_fail_open' });
+    bp.track(() => w.guestBreakpoints, { outcome: 'guest_int3' });
+    bp.track(() => w.staleBreakpoints, { outcome: 'stale_int3' });
+    r.gauge('periscope_agent_planted_bytes_recovered_total', 'bytes analysis wrote that a re-attach found left in the guest and restored').track(() => w.recoveredBytes);
   }
 
   async start(): Promise<void> {

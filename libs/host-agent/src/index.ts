@@ -1,5 +1,5 @@
 export { KvmiListener, ListenerError, type KvmiListenerOptions, type Log } from './kvmi-listener.js';
-export { VmConnection, EMPTY_PLAN, type Decide, type EventDecision, type ProtectionPlan, type VmInfo, type VmConnectionOptions } from './vm-connection.js';
+export { VmConnection, EMPTY_PLAN, type Decide, type EventDecision, type ProtectionPlan, type VmInfo, type VmConnectionOptions, type RememberedByte } from './vm-connection.js';
 export { loadCookieFile, parseCookies, CookieFileError, type CookieLookup } from './cookies.js';
 export { skipInstruction, type SkipResult } from './instruction-skip.js';
 export { policyDecider, planFromPolicy, type VerdictObserver, type PolicySource, type DeciderHooks } from './policy-decider.js';
@@ -11,6 +11,8 @@ export { ReportQueue, type BatchSink, type LinkVm, type PolicyRef } from './link
 export { HeldEventRegistry, heldKey, type HeldEntry } from './link/held-events.js';
 export { DetectionSpool } from './link/spool.js';
 export { PauseStore } from './link/pause-store.js';
+export { PlantedStore, type PlantedVm } from './link/planted-store.js';
+export { AnalysisWrites, type AnalysisEventKind } from './link/analysis-writes.js';
 export { CommandExecutor, ALLOW_COMMAND_KEYS, DANGEROUS_COMMANDS, type AllowCommandKey } from './link/command-executor.js';
 export { eventFromFrame, decisionToReply, kindOfEventId } from './link/convert.js';
 export { PbWriter } from './link/wire.js';

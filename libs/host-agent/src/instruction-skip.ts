@@ -44,13 +44,29 @@ async function readGuestLinear(session: KvmiSession, vcpu: number, gva: bigint, 
   return out;
 }
 
+/**
+ * Decode the instruction at the event's RIP and queue SET_REGISTERS with RIP *before* it by its length: for a
+ * CR/MSR event answered CONTINUE, KVM completes the exit by adding the instruction's length to RIP (VMX
+ * VM_EXIT_INSTRUCTION_LEN; the simulator the same), so the vCPU resumes at the instruction and an injected
+ * exception is delivered there, as a fault. (AMD's next_rip would land after it: the exception then follows
+ * the instruction; docs/alerts.md.)
+ */
+export async function rewindInstruction(session: KvmiSession, vcpu: number, mode: number, regs: KvmRegs, csBase: bigint): Promise<SkipResult> {
+  return moveRip(session, vcpu, mode, regs, csBase, -1n);
+}
+
 /** Decode the instruction at the event's RIP and queue SET_REGISTERS with RIP past it. */
-export async function skipInstruction(
+export async function skipInstruction(session: KvmiSession, vcpu: number, mode: number, regs: KvmRegs, csBase: bigint): Promise<SkipResult> {
+  return moveRip(session, vcpu, mode, regs, csBase, 1n);
+}
+
+async function moveRip(
   session: KvmiSession,
   vcpu: number,
   mode: number,
   regs: KvmRegs,
   csBase: bigint,
+  direction: 1n | -1n,
 ): Promise<SkipResult> {
   const bitness = mode === 8 ? 64 : mode === 4 ? 32 : 16;
   const bytes = await readGuestLinear(session, vcpu, linearRip(mode, regs.rip, csBase), MAX_INSN);
@@ -69,7 +85,7 @@ export async function skipInstruction(
     decoder.free();
   }
   const mask = mode === 8 ? 0xffffffffffffffffn : 0xffffffffn;
-  const newRip = (regs.rip + BigInt(length)) & mask;
+  const newRip = (regs.rip + direction * BigInt(length)) & mask;
   await session.request('VCPU_SET_REGISTERS', { vcpu, ...regs, rip: newRip });
   return { length, newRip };
 }

@@ -49,6 +49,11 @@ export function policyDecider(policy: CompiledPolicy | PolicySource, observe?: V
       case 'inject': {
         // #PF: CR2 = the faulting linear address.
         const address = view.eventId === events.PF.id ? view.specificU64(structs.kvmi_vcpu_event_pf, 'gva') : 0n;
+        // CR/MSR accept no RETRY: CONTINUE with the old value (the write is refused), RIP moved back over the
+        // instruction so that the exception is delivered at it (verdicts `injectReplyAction`).
+        if (v.hasNewVal && v.newVal !== null) {
+          return { kind: 'inject', vector: v.injectVector, errorCode: Math.max(0, v.injectErrorCode), address, then: EventAction.CONTINUE, newVal: v.newVal, rewind: true, ...(ruleId ? { ruleId } : {}) };
+        }
         return { kind: 'inject', vector: v.injectVector, errorCode: Math.max(0, v.injectErrorCode), address, then: EventAction.RETRY, ...(ruleId ? { ruleId } : {}) };
       }
       default:

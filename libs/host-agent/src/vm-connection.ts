@@ -12,7 +12,7 @@
  * restricted GFN, disable events, reply to every held event, close — bounded by a deadline.
  */
 import type { Socket } from 'node:net';
-import { skipInstruction } from './instruction-skip.js';
+import { rewindInstruction, skipInstruction } from './instruction-skip.js';
 import {
   commands,
   events,
@@ -51,8 +51,17 @@ export type EventDecision =
    * RIP advanced, RETRY. If that fails, answer `fallback` (logged and counted).
    */
   | { kind: 'skip'; ruleId?: string; fallback: number }
-  /** Inject an exception while the vCPU waits, then answer `then` (RETRY for a denied PF execute). */
-  | { kind: 'inject'; ruleId?: string; vector: number; errorCode: number; address: bigint; then: number };
+  /**
+   * Inject an exception while the vCPU waits, then answer `then` (RETRY for a denied PF execute). CR/MSR:
+   * `then` CONTINUE with `newVal` (the old value) and `rewind`: RIP is set back over the instruction first,
+   * so that KVM's completion of the exit lands on it and the exception is delivered at the instruction.
+   */
+  | { kind: 'inject'; ruleId?: string; vector: number; errorCode: number; address: bigint; then: number; newVal?: bigint; rewind?: boolean }
+  /**
+   * Run commands while the vCPU waits, then answer what `run` resolves to (e.g. a breakpoint failing open:
+   * restore the original byte, then RETRY). `run` should not reject; a rejection is answered CONTINUE.
+   */
+  | { kind: 'work'; ruleId?: string; run: () => Promise<{ action: number; newVal?: bigint }> };
 
 export type Decide = (view: VcpuEventView, vm: VmConnection) => EventDecision;
 
@@ -109,6 +118,12 @@ export class VmConnection {
   state: 'attaching' | 'protected' | 'partial' | 'detaching' | 'closed' = 'attaching';
   private readonly held = new Map<number, HeldEvent>();
   private readonly planted = new Map<bigint, Uint8Array>();
+  /** Bytes analysis changed with VM_WRITE_PHYSICAL (`writeRemembered`): gpa → the guest's byte and ours. */
+  private readonly remembered = new Map<bigint, RememberedByte>();
+  /** Serialises `writeRemembered` / `restoreRemembered` (read the originals, then write). */
+  private rememberChain: Promise<unknown> = Promise.resolve();
+  /** Called after the remembered bytes changed (the link persists them per VM UUID). */
+  onRememberedChange: ((vm: VmConnection) => void) | undefined;
   private readonly restricted = new Set<bigint>();
   private readonly enabled = new Map<number, { events: Set<EventKey>; crs: Set<number>; msrs: Set<number> }>();
   private detaching: Promise<void> | undefined;
@@ -341,6 +356,96 @@ export class VmConnection {
     this.planted.delete(gpa);
   }
 
+  /**
+   * VM_WRITE_PHYSICAL on behalf of analysis, remembering each changed byte's original (read first, unless
+   * already remembered: a byte written twice keeps its first original) so that detach restores it; writing
+   * a byte's original back forgets it. Resolves with KVM's answer (the errno when the write failed).
+   */
+  writeRemembered(gpa: bigint, data: Uint8Array, timeoutMs?: number): Promise<{ ok: true } | { ok: false; errno: number }> {
+    const run = async (): Promise<{ ok: true } | { ok: false; errno: number }> => {
+      let before: Uint8Array | undefined;
+      for (let i = 0; i < data.length; i++) {
+        if (!this.remembered.has(gpa + BigInt(i))) {
+          const r = await this.session.tryRequest('VM_READ_PHYSICAL', { gpa, size: data.length }, timeoutMs);
+          if (!r.ok) return { ok: false, errno: r.errno };
+          before = r.value.data;
+          break;
+        }
+      }
+      // The records change before the write is sent: an event the new bytes cause (a vCPU hitting a fresh INT3)
+      // can be read from the socket in the same chunk as the write's reply, before this function resumes.
+      const undo = new Map<bigint, RememberedByte | undefined>();
+      for (let i = 0; i < data.length; i++) {
+        const at = gpa + BigInt(i);
+        const cur = this.remembered.get(at);
+        const value = data[i]!;
+        if (cur) {
+          undo.set(at, { ...cur });
+          if (value === cur.original) this.remembered.delete(at);
+          else cur.written = value;
+        } else if (before && before[i] !== value) {
+          undo.set(at, undefined);
+          this.remembered.set(at, { original: before[i]!, written: value });
+        }
+      }
+      const w = await this.session.tryRequest('VM_WRITE_PHYSICAL', { gpa, data }, timeoutMs).catch((e: unknown) => e as Error);
+      if (w instanceof Error || !w.ok) {
+        for (const [at, b] of undo) {
+          if (b) this.remembered.set(at, b);
+          else this.remembered.delete(at);
+        }
+        if (w instanceof Error) throw w;
+        return { ok: false, errno: w.errno };
+      }
+      if (undo.size) this.onRememberedChange?.(this);
+      return { ok: true };
+    };
+    const p = this.rememberChain.then(run, run);
+    this.rememberChain = p.catch(() => undefined);
+    return p;
+  }
+
+  /** The byte analysis wrote at `gpa` and the guest's original, when analysis changed it. */
+  rememberedAt(gpa: bigint): RememberedByte | undefined {
+    return this.remembered.get(gpa);
+  }
+
+  /** Every byte analysis changed (gpa → original, written). */
+  rememberedBytes(): ReadonlyMap<bigint, RememberedByte> {
+    return this.remembered;
+  }
+
+  /** Take over bytes a previous agent process remembered (restart after kill -9); `restoreRemembered` writes them back. */
+  adoptRemembered(bytes: Iterable<[bigint, RememberedByte]>): void {
+    for (const [gpa, b] of bytes) if (!this.remembered.has(gpa)) this.remembered.set(gpa, { ...b });
+  }
+
+  /**
+   * Write the guest's original byte back at `gpa` and forget it. With `onlyIfWritten`, only when the guest
+   * still holds the byte analysis wrote (a restarted agent must not overwrite what the guest changed since).
+   */
+  restoreRemembered(gpa: bigint, onlyIfWritten = false): Promise<'restored' | 'changed' | 'absent'> {
+    const run = async (): Promise<'restored' | 'changed' | 'absent'> => {
+      const b = this.remembered.get(gpa);
+      if (!b) return 'absent';
+      if (onlyIfWritten) {
+        const cur = await this.session.request('VM_READ_PHYSICAL', { gpa, size: 1 });
+        if (cur.data[0] !== b.written) {
+          this.remembered.delete(gpa);
+          this.onRememberedChange?.(this);
+          return 'changed';
+        }
+      }
+      await this.session.request('VM_WRITE_PHYSICAL', { gpa, data: Uint8Array.of(b.original) });
+      this.remembered.delete(gpa);
+      this.onRememberedChange?.(this);
+      return 'restored';
+    };
+    const p = this.rememberChain.then(run, run);
+    this.rememberChain = p.catch(() => undefined);
+    return p;
+  }
+
   private onEvent(view: VcpuEventView): void {
     const t0 = process.hrtime.bigint();
     this.stats.events++;
@@ -374,7 +479,8 @@ export class VmConnection {
     if (decision.kind !== 'reply') {
       this.held.set(view.vcpu, { seq: view.seq, eventId: view.eventId, newVal: proposedValue(view), since: t0 });
       if (decision.kind === 'skip') this.runSkip(this.session.copyEvent(view), decision);
-      else if (decision.kind === 'inject') this.runInject(view.vcpu, decision);
+      else if (decision.kind === 'inject') this.runInject(view.vcpu, decision, decision.rewind ? this.session.copyEvent(view) : undefined);
+      else if (decision.kind === 'work') this.runWork(view.vcpu, view.seq, decision);
       return;
     }
     this.session.replyToEvent(view.seq, view.vcpu, view.eventId, decision.action, decision.newVal);
@@ -396,13 +502,31 @@ export class VmConnection {
       });
   }
 
-  private runInject(vcpu: number, d: Extract<EventDecision, { kind: 'inject' }>): void {
-    this.session
-      .request('VCPU_INJECT_EXCEPTION', { vcpu, nr: d.vector, error_code: d.errorCode, address: d.address })
-      .then(() => this.replyHeld(vcpu, d.then))
+  private runInject(vcpu: number, d: Extract<EventDecision, { kind: 'inject' }>, e?: DecodedEvent): void {
+    const rewind = async (): Promise<void> => {
+      if (!e || e.kind !== 'vcpu-event') return;
+      try {
+        await rewindInstruction(this.session, e.vcpu, e.arch.mode, e.arch.regs, e.arch.sregs.cs.base);
+      } catch (err) {
+        // The write is refused all the same; the exception then arrives after the instruction.
+        this.opts.log('warn', `cannot move RIP back over the instruction; the exception follows it: ${(err as Error).message}`, { vm: this.uuid, vcpu, rule: d.ruleId });
+      }
+    };
+    rewind()
+      .then(() => this.session.request('VCPU_INJECT_EXCEPTION', { vcpu, nr: d.vector, error_code: d.errorCode, address: d.address }))
+      .then(() => this.replyHeld(vcpu, d.then, d.newVal))
       .catch((err: unknown) => {
         this.opts.log('warn', `injection failed; answering CONTINUE: ${(err as Error).message}`, { vm: this.uuid, vcpu, rule: d.ruleId });
         this.replyHeld(vcpu, EventAction.CONTINUE, proposedFromHeld(this.held.get(vcpu)));
+      });
+  }
+
+  private runWork(vcpu: number, seq: number, d: Extract<EventDecision, { kind: 'work' }>): void {
+    d.run()
+      .then((r) => this.replyHeldSeq(vcpu, seq, r.action, r.newVal))
+      .catch((err: unknown) => {
+        this.opts.log('warn', `held-event work failed; answering CONTINUE: ${(err as Error).message}`, { vm: this.uuid, vcpu, rule: d.ruleId });
+        this.replyHeldSeq(vcpu, seq, EventAction.CONTINUE, proposedFromHeld(this.held.get(vcpu)));
       });
   }
 
@@ -455,6 +579,7 @@ export class VmConnection {
         s.replyToEvent(h.seq, vcpu, h.eventId, EventAction.CONTINUE, h.newVal);
       }
       for (const gpa of [...this.planted.keys()]) await this.unplant(gpa);
+      for (const gpa of [...this.remembered.keys()]) await this.restoreRemembered(gpa);
       if (this.restricted.size > 0) await this.applyPageAccess([...this.restricted].map((gpa) => ({ gpa, access: PageAccess.RWX })));
       for (const [vcpu, st] of this.enabled) {
         for (const msr of st.msrs) await s.request('VCPU_CONTROL_MSR', { vcpu, msr, enable: 0 });
@@ -472,6 +597,12 @@ export class VmConnection {
       .finally(() => this.session.close());
     return this.detaching;
   }
+}
+
+/** A byte analysis changed: the guest's original and the value written. */
+export interface RememberedByte {
+  original: number;
+  written: number;
 }
 
 function proposedFromHeld(h: HeldEvent | undefined): bigint | undefined {

@@ -38,6 +38,8 @@ export interface AgentCampaignOptions {
   readonly handshakeMutateRate?: number;
   /** Pump generated events on each connection (default true); see FuzzProxyOptions.generate. */
   readonly generate?: boolean;
+  /** Generated events in flight per fuzzed connection (FuzzProxyOptions.generateWindow; huge = a flooding peer). */
+  readonly generateWindow?: number;
   /** Hard stop, whatever the frame count. */
   readonly maxSeconds?: number;
   readonly onProgress?: (p: AgentCampaignProgress) => void;
@@ -95,6 +97,7 @@ export async function runAgentCampaign(opts: AgentCampaignOptions): Promise<Agen
     handshakeMutateRate: opts.handshakeMutateRate ?? 0.05,
     seed,
     generate: opts.generate ?? true,
+    ...(opts.generateWindow !== undefined ? { generateWindow: opts.generateWindow } : {}),
   });
   const qemus: SimQemu[] = [];
   let stop = false;

@@ -5,6 +5,9 @@
  * - `proxy`: a man-in-the-middle that mutates live traffic between simulated QEMU/KVM and a peer.
  * - `agent-campaign`: the host agent (or the simulated KVM) fuzzed, with a healthy VM probed.
  * - `agent-kill`: kill -9 of the agent under attack; re-attach, re-protection and the fail-open window.
+ * - `private-postgres`, `attack-fleet`, `pg-restart`, `analysis-process`, `analysis-kill`: PostgreSQL restarts
+ *   and kill -9 of analysis under a detection storm, checked against the agent's detection ledger.
+ * - `stall-proxy`: a peer that stalls mid-message; `kvmmem-fuzz`: the guest agent's /dev/kvmmem path fuzzed.
  */
 export * from './mutate.js';
 export * from './proxy.js';
@@ -13,3 +16,10 @@ export * from './agent-process.js';
 export * from './agent-kill.js';
 export * from './wait.js';
 export * from './heki-campaign.js';
+export * from './private-postgres.js';
+export * from './attack-fleet.js';
+export * from './pg-restart.js';
+export * from './analysis-process.js';
+export * from './analysis-kill.js';
+export * from './stall-proxy.js';
+export * from './kvmmem-fuzz.js';

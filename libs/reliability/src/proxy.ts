@@ -24,7 +24,7 @@ const OFF_SEQ = structs.kvmi_msg_hdr.field('seq').offset;
 const HANDSHAKE_MAX = 65536;
 /** Sequence numbers of generated events start here, far above what a simulated session reaches. */
 const GENERATED_SEQ_BASE = 0x80000000;
-/** Generated events in flight per connection. */
+/** Generated events in flight per connection (default of `generateWindow`). */
 const GENERATED_WINDOW = 32;
 
 export interface FuzzProxyOptions {
@@ -46,6 +46,12 @@ export interface FuzzProxyOptions {
    * the guest's (or the attach sequence's) pace.
    */
   readonly generate?: boolean;
+  /**
+   * Generated events in flight per connection (default 32). A huge window makes a flooding peer: events
+   * as fast as the peer's socket takes them, far more than it can answer (bounded only by the proxy's
+   * own 1 MiB write buffer).
+   */
+  readonly generateWindow?: number;
 }
 
 export interface FuzzProxyStats {
@@ -64,7 +70,7 @@ export interface FuzzProxyStats {
 }
 
 /** Splits a byte stream into a handshake struct (u32 struct_size first) followed by KVMI frames. */
-class StreamSplitter {
+export class StreamSplitter {
   private buf: Buffer = Buffer.alloc(0);
   private handshakeDone = false;
   /** When the stream stops making sense (a lying size was forwarded), pass bytes through raw. */
@@ -173,7 +179,7 @@ export class FuzzProxy {
     target.once('close', stopPump);
     const fuzzed = this.opts.direction === 'to-target' ? target : qemu;
     const fill = () => {
-      while (pump.captured && pump.inFlight < GENERATED_WINDOW && !fuzzed.destroyed && fuzzed.writableLength < 1 << 20) {
+      while (pump.captured && pump.inFlight < (this.opts.generateWindow ?? GENERATED_WINDOW) && !fuzzed.destroyed && fuzzed.writableLength < 1 << 20) {
         const ev = Buffer.from(pump.captured);
         ev.writeUInt32LE(pump.seq++ >>> 0, OFF_SEQ);
         // Perturb the event-specific tail (CR/MSR values, PF addresses...), keeping the headers valid.

@@ -16,6 +16,7 @@ import { DEFAULT_HOST_PROFILE, type HostProfile } from './profile.js';
 import { HekiVmm } from './heki/vmm.js';
 import { deriveSeed, mulberry32, randInt, type Prng } from './prng.js';
 import { SimQemu, type ShutdownReport } from './qemu.js';
+import { callTaggedCopy } from './guest/tagged-copy.js';
 import { runScenario } from './scenario/run.js';
 import type { Scenario, ScenarioReport } from './scenario/types.js';
 
@@ -292,7 +293,8 @@ export class Simulator {
    * sequence on this vCPU (syscall_init's MSR writes and XCR0 through the kernel's routines), then
    * kernel routine calls at `perSecond` on average (exponential gaps): memory traffic on kernel data,
    * CR3 switches between the processes and the kernel, module loads (256 bytes) into the module area,
-   * text_poke of the static key, KVMI hypercalls, SIDT into kernel data.
+   * text_poke of the static key, KVMI hypercalls, SIDT into kernel data; and, from a stream of its own, a
+   * `sim_copy_tagged` call before one call in four (its ground truth: `vm.taggedCalls`).
    */
   private async workload(vm: SimVm, qemu: SimQemu, vcpu: SimVcpu, perSecond: number): Promise<void> {
     const prng: Prng = mulberry32(deriveSeed(this.opts.seed ?? 1, 0x776b, vm.index, vcpu.index));
@@ -322,9 +324,16 @@ export class Simulator {
     await call('xsetbv_xcr0', { rcx: 0n, rax: xcr0 & 0xffffffffn, rdx: xcr0 >> 32n });
     const meanMs = 1000 / perSecond;
     let poke = 0;
+    // sim_copy_tagged calls (a traceable function with arguments, guest/tagged-copy.ts) come from a stream of
+    // their own, so the sequence of the other calls is the same as without them.
+    const copies: Prng = mulberry32(deriveSeed(this.opts.seed ?? 1, 0x7467, vm.index, vcpu.index));
     while (this.running) {
       await wait(Math.min(-Math.log(1 - prng()) * meanMs, meanMs * 10));
       if (!this.running || vcpu.isCrashed || !vcpu.isOnline) continue;
+      if (copies() < 0.25) {
+        this.guestActions++;
+        await callTaggedCopy(vm, vcpu, 1 + randInt(copies, 64), randInt(copies, 64));
+      }
       const pick = randInt(prng, 16);
       if (pick < 6) {
         // memory traffic on this vCPU's slice of sim_counters

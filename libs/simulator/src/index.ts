@@ -51,6 +51,7 @@ export {
   type GuestReader,
 } from './guest/os-profile.js';
 export { assemble, type AsmInsn, type Assembled, type AssembledInsn } from './guest/asm.js';
+export { callTaggedCopy, TaggedCallLog, type TaggedCall, type TaggedCopyTarget } from './guest/tagged-copy.js';
 export { CpuState, MSR, MTRR_TYPE, VECTOR } from './guest/cpu.js';
 export { mulberry32, deriveSeed } from './prng.js';
 export { parseScenario, loadScenario, CR_BITS } from './scenario/parse.js';

@@ -7,10 +7,10 @@
  * kind the rule can apply to (all vCPU kinds for a rule without `kind`), the ask-central default the same
  * way, and an exception against the kinds it can meet.
  */
-import { events } from '@periscope/kvmi';
+import { EventAction, events } from '@periscope/kvmi';
 import { VerdictsError, type VerdictsErrorCode, type VerdictsIssue } from './errors.js';
 import { registerOffset } from './frame.js';
-import { illegalBecause, kvmiActionValue } from './legality.js';
+import { illegalBecause, injectReplyAction, kvmiActionValue } from './legality.js';
 import {
   EXCEPTION_VECTORS,
   RANGE_END_MAX,
@@ -52,18 +52,21 @@ export class CompiledAction {
   /** For inject: vector and error code; -1 otherwise. */
   readonly injectVector: number;
   readonly injectErrorCode: number;
-  constructor(a: Action) {
+  /** `kinds`: the event kinds the action applies to (an `inject` on CR/MSR replies CONTINUE with the old value). */
+  constructor(a: Action, kinds: readonly VcpuEventKind[] = []) {
     let keep = 0n;
     let clear = 0n;
     let set = 0n;
+    const injectContinues = a.kind === 'inject' && kinds.length > 0 && kinds.every((k) => injectReplyAction(k) === 'CONTINUE');
     if (a.kind === 'deny') keep = a.forceBits ?? U64_MAX;
+    else if (injectContinues) keep = U64_MAX; // the write is refused; the exception is injected at the instruction
     else if (a.kind === 'crash') keep = U64_MAX; // a CRASH reply to CR/MSR still carries the old value
     else if (a.kind === 'rewrite') {
       clear = a.clearBits ?? 0n;
       set = a.setBits ?? 0n;
     }
     this.kind = a.kind;
-    this.action = kvmiActionValue(a.kind);
+    this.action = injectContinues ? EventAction.CONTINUE : kvmiActionValue(a.kind);
     this.keepLo = lo32(keep) | 0;
     this.keepHi = hi32(keep) | 0;
     this.clearLo = lo32(clear) | 0;
@@ -454,7 +457,7 @@ function checkAction(issues: Issues, id: string, path: string, a: Action | undef
     const why = illegalBecause(k, a.kind);
     if (why) issues.add('action-not-allowed', id, path, `'${a.kind}' is not allowed for ${k} events: ${why}`);
   }
-  return issues.list.length === before ? new CompiledAction(a) : null;
+  return issues.list.length === before ? new CompiledAction(a, kinds) : null;
 }
 
 function checkReport(issues: Issues, id: string | null, path: string, r: ReportSetting | undefined): void {
@@ -513,7 +516,7 @@ export function compilePolicy(policy: Policy): CompiledPolicy {
   for (const k of VCPU_EVENT_KINDS) {
     const own = policy.defaultActions?.[k];
     const a = own ?? policy.defaultAction ?? { kind: 'allow' as const };
-    const c = own !== undefined ? checkAction(issues, defaultId(k), `defaultActions.${k}`, own, [k]) : illegalBecause(k, a.kind) ? null : new CompiledAction(a);
+    const c = own !== undefined ? checkAction(issues, defaultId(k), `defaultActions.${k}`, own, [k]) : illegalBecause(k, a.kind) ? null : new CompiledAction(a, [k]);
     if (c) defaults.set(events[k].id, c);
   }
 

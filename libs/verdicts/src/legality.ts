@@ -7,7 +7,11 @@
 import { EventAction, events, type EventActionName } from '@periscope/kvmi';
 import { ACTION_KINDS, VCPU_EVENT_KINDS, type ActionKind, type VcpuEventKind } from './model.js';
 
-/** The KVMI reply action each rule action ends in. */
+/**
+ * The KVMI reply action each rule action ends in. One exception: `inject` on an event whose reply carries
+ * data (CR, MSR — they accept no RETRY) ends in CONTINUE with `new_val` = the old value (the write is refused
+ * and the injected exception is delivered at the writing instruction: see `injectReplyAction`).
+ */
 export const KVMI_ACTION_OF: Readonly<Record<ActionKind, EventActionName>> = {
   allow: 'CONTINUE',
   deny: 'CONTINUE',
@@ -33,9 +37,25 @@ export function kvmiActionValue(kind: ActionKind): number {
   return EventAction[KVMI_ACTION_OF[kind]];
 }
 
+/**
+ * The KVMI action an `inject` verdict replies with: RETRY where the event accepts it (the instruction is
+ * re-entered and takes the exception), else CONTINUE for events with reply data (CR/MSR: `new_val` = old
+ * value, so the write does not happen; the host agent also moves RIP back over the instruction so that the
+ * exception is delivered at it — libs/host-agent instruction-skip.ts). Null when neither applies.
+ */
+export function injectReplyAction(kind: VcpuEventKind): EventActionName | null {
+  const def = events[kind];
+  if ((def.actions as readonly EventActionName[]).includes('RETRY')) return 'RETRY';
+  if (def.replyData !== null && (def.actions as readonly EventActionName[]).includes('CONTINUE')) return 'CONTINUE';
+  return null;
+}
+
 /** Why `action` is illegal for `kind`, or null when it is legal. */
 export function illegalBecause(kind: VcpuEventKind, action: ActionKind): string | null {
   const def = events[kind];
+  if (action === 'inject') {
+    return injectReplyAction(kind) ? null : `${def.name} accepts ${def.actions.join(', ')}; 'inject' needs RETRY, or CONTINUE with reply data (CR, MSR)`;
+  }
   const kvmi = KVMI_ACTION_OF[action];
   if (!(def.actions as readonly EventActionName[]).includes(kvmi)) {
     return `${def.name} accepts ${def.actions.join(', ')}; '${action}' needs ${kvmi}`;

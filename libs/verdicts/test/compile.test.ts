@@ -63,7 +63,8 @@ describe('action legality comes from the catalog', () => {
     expect(VCPU_EVENT_KINDS).toHaveLength(10);
     for (const k of VCPU_EVENT_KINDS) {
       const s = SPEC_ACTIONS[k];
-      const expected = ['allow', ...(s.replyData ? ['deny', 'rewrite'] : []), ...(s.retry ? ['skip', 'retry', 'inject'] : []), 'crash'];
+      // inject: RETRY where accepted, else CONTINUE with the old value where the reply carries data.
+      const expected = ['allow', ...(s.replyData ? ['deny', 'rewrite'] : []), ...(s.retry ? ['skip', 'retry'] : []), ...(s.retry || s.replyData ? ['inject'] : []), 'crash'];
       expect(legalActions(k), k).toEqual(expected);
     }
   });
@@ -88,7 +89,7 @@ describe('action legality comes from the catalog', () => {
 
   it('RETRY-based actions only for BREAKPOINT, DESCRIPTOR and PF; deny only for CR and MSR', () => {
     rejects(pol([{ id: 'skip-cr', match: { kind: 'CR' }, action: { kind: 'skip' } }]), 'action-not-allowed', 'skip-cr');
-    rejects(pol([{ id: 'inject-msr', match: { kind: 'MSR' }, action: { kind: 'inject', vector: 13 } }]), 'action-not-allowed', 'inject-msr');
+    rejects(pol([{ id: 'inject-xsetbv', match: { kind: 'XSETBV' }, action: { kind: 'inject', vector: 13 } }]), 'action-not-allowed', 'inject-xsetbv');
     rejects(pol([{ id: 'deny-pf', match: { kind: 'PF' }, action: { kind: 'deny' } }]), 'action-not-allowed', 'deny-pf');
     rejects(pol([{ id: 'deny-xsetbv', match: { kind: 'XSETBV' }, action: { kind: 'deny' } }]), 'action-not-allowed', 'deny-xsetbv');
   });

@@ -1,11 +1,13 @@
 /**
  * The operator commands of `bin/periscope`, against analysis' HTTP API (libs/analysis/src/servers.ts):
  * fleet, vms, vm show|label|pause|resume, alerts [--follow], alert show, policy apply|show|validate|list,
- * exception add, audit, scan; and, said plainly, what is not available yet (mem read, regs, trace).
+ * exception add, audit, scan, mem read, regs (guest.ts), trace (trace.ts).
  */
 import { readFileSync } from 'node:fs';
 import type { Subcommand } from '../commands.js';
 import { apiJson, apiLines, CliError, EXIT } from './client.js';
+import { auditCmd, memReadCmd, regsCmd } from './guest.js';
+import { traceCmd } from './trace.js';
 import { opSchema, runGroup, runOp, type Group } from './framework.js';
 import { block, jsonText, labelsText, nsTime, severityPaint, str, table, truncate, type OutIo, type Palette } from './output.js';
 
@@ -446,39 +448,8 @@ const exceptionGroup: Group = { name: 'exception', summary: 'Exceptions: cases a
 
 // ---- audit, scan ---------------------------------------------------------------------------------
 
-export const auditCmd = (argv: string[], io: OutIo) =>
-  runOp({
-    command: 'audit',
-    summary: "The audit log of operator actions, when analysis has one (GET /v1/audit). Today it has none (its ListAuditEvents RPC answers that the audit log arrives with issue #9): `periscope audit` says so and exits 1. `--commands` shows what exists: the KVMI commands and pause/resume controls analysis sent to the agents (GET /v1/commands), with their purpose and result.",
-    examples: ['periscope audit', 'periscope audit --commands', 'periscope audit --commands --vm 67343f0a-d344-491d-a398-98aafb277447 --json'],
-    schema: opSchema({
-      commands: { kind: 'boolean', description: 'the command log: KVMI commands and pause controls sent to agents (newest first, at most 200)' },
-      vm: { kind: 'string', description: 'with --commands: only this VM (UUID)' },
-    }),
-    run: async (c) => {
-      const t = c.target();
-      if (c.cfg.values.commands) {
-        const { body } = await apiJson(t, `/v1/commands${c.cfg.values.vm ? `?vm=${enc(c.cfg.values.vm)}` : ''}`);
-        const cmds = arr(body.commands);
-        if (c.json) return printJson(io, { commands: cmds }), EXIT.ok;
-        if (cmds.length === 0) io.out(c.p.dim('no commands sent yet'));
-        else io.out(table(['SENT', 'VM', 'VCPU', 'KIND', 'PURPOSE', 'STATUS', 'MESSAGE'], cmds.map((x) => [nsTime(x.sentNs), str(x.vm), str(x.vcpu), str(x.kind), str(x.purpose), str(x.status), truncate(str(x.message), 60)]), c.p).join('\n'));
-        return EXIT.ok;
-      }
-      try {
-        const { body } = await apiJson(t, '/v1/audit');
-        if (c.json) return printJson(io, body), EXIT.ok;
-        const evs = arr(body.events);
-        io.out(table(['TIME', 'ACTOR', 'ACTION', 'OBJECT', 'DETAIL'], evs.map((e) => [nsTime(e.timeNs ?? e.createdNs), str(e.actor), str(e.action), str(e.object ?? e.target), truncate(str(e.detail), 60)]), c.p).join('\n'));
-        return EXIT.ok;
-      } catch (e) {
-        if (e instanceof CliError && e.exitCode === EXIT.notFound) {
-          throw new CliError(EXIT.error, `analysis at ${t.base.origin} has no audit log endpoint (GET /v1/audit: ${e.message.replace(/^GET \/v1\/audit: /, '')}); the audit log arrives with issue #9. What exists: \`periscope audit --commands\` (the commands analysis sent to agents) and each policy's history (\`periscope policy show NAME\`).`);
-        }
-        throw e;
-      }
-    },
-  }, argv, io);
+// `audit` (with --commands), `mem read`, `regs`: guest.ts.
+export { auditCmd };
 
 export const scanCmd = (argv: string[], io: OutIo) =>
   runOp({
@@ -531,41 +502,7 @@ export const scanCmd = (argv: string[], io: OutIo) =>
     },
   }, argv, io);
 
-// ---- not available yet ---------------------------------------------------------------------------
-
-const notYet = (command: string, summary: string, positionals: readonly { name: string; description: string }[], examples: string[], why: string) => (argv: string[], io: OutIo) =>
-  runOp({
-    command,
-    summary: `${summary}\n\nNot available yet: ${why}`,
-    examples,
-    schema: opSchema({ agent: { kind: 'string', description: 'a host agent\'s local API (unix:PATH) instead of analysis' } }, positionals),
-    run: async () => {
-      throw new CliError(EXIT.error, `not available yet: ${why}`);
-    },
-  }, argv, io);
-
-const memRead = notYet(
-  'mem read',
-  'Read guest physical memory of a VM as a hexdump (split at 4 KiB pages; unmapped pages shown as ENOENT gaps).',
-  [{ name: 'vm', description: 'VM name or UUID' }, { name: 'gpa', description: 'guest physical address (0x-hex)' }, { name: 'length', description: 'bytes' }],
-  ['periscope mem read sim-vm-0 0x1000000 256'],
-  "analysis has no memory-read endpoint in its HTTP API, and the host agent's local API (--agent unix:PATH) offers only /v1/vms and /v1/rules (no KVMI commands). Remaining work: an analysis route that sends VM_READ_PHYSICAL over the agent link.",
-);
-const regs = notYet(
-  'regs',
-  "A vCPU's registers (general purpose, special, MSRs of interest).",
-  [{ name: 'vm', description: 'VM name or UUID' }, { name: 'vcpu', description: 'vCPU index' }],
-  ['periscope regs sim-vm-0 0'],
-  "analysis has no registers endpoint in its HTTP API, and the host agent's local API (--agent unix:PATH) offers no KVMI commands. Remaining work: an analysis route that sends VCPU_GET_REGISTERS over the agent link (the vCPU must be paused).",
-);
-const trace = notYet(
-  'trace',
-  'Trace calls of a guest kernel function (breakpoints through KVMI).',
-  [{ name: 'vm', description: 'VM name or UUID' }, { name: 'function', description: 'kernel symbol' }],
-  ['periscope trace sim-vm-0 commit_creds'],
-  'function tracing arrives with issue #9 (not built).',
-);
-const memGroup: Group = { name: 'mem', summary: 'Guest memory.', actions: [{ name: 'read', summary: 'hexdump of guest physical memory (not available yet)', run: memRead }] };
+const memGroup: Group = { name: 'mem', summary: 'Guest memory.', actions: [{ name: 'read', summary: 'hexdump of guest physical memory (VM_READ_PHYSICAL, 4 KiB pieces, ENOENT gaps)', run: memReadCmd }] };
 
 // ---- the table -----------------------------------------------------------------------------------
 
@@ -582,10 +519,10 @@ export function operatorCommands(io: () => OutIo): Subcommand[] {
     s('alert', 'show ID: one alert with its evidence', group(alertGroup)),
     s('policy', 'apply FILE|validate FILE|show NAME|list', group(policyGroup)),
     s('exception', 'add --from-alert ID', group(exceptionGroup)),
-    s('audit', 'the audit log (not in analysis yet: issue #9); --commands: commands sent to agents', auditCmd),
+    s('audit', 'who changed which guest, when, with what result [--vm] [--since]; --commands: commands sent to agents', auditCmd),
     s('scan', 'scan a VM\'s memory for a byte signature', scanCmd),
-    s('mem', 'read VM GPA LEN: hexdump of guest memory (not available yet)', group(memGroup)),
-    s('regs', 'VM VCPU: a vCPU\'s registers (not available yet)', regs),
-    s('trace', 'VM FUNCTION: trace a kernel function (issue #9, not built)', trace),
+    s('mem', 'read VM GPA LEN: hexdump of guest memory', group(memGroup)),
+    s('regs', 'VM VCPU: a vCPU\'s registers', regsCmd),
+    s('trace', 'VM FUNCTION: trace a kernel function with a breakpoint (hits with their arguments); stop|list', traceCmd),
   ];
 }

@@ -180,7 +180,8 @@ export function planDemo(input: PlanInput): DemoPlan {
         '--api-listen', `unix:${host.apiSocket}`,
         '--metrics-listen', host.metrics,
         '--policy', input.policy,
-        ...(agentLinks && analysis ? ['--analysis', analysis.listen] : []),
+        // Breakpoint tracing (`periscope trace`) plants INT3s with VM_WRITE_PHYSICAL: the demo's agents allow it.
+        ...(agentLinks && analysis ? ['--analysis', analysis.listen, '--allow-command', 'write-physical'] : []),
         ...(heki ? ['--heki-listen', `unix:${join(dir, 'heki.sock')}`] : []),
       ],
       ready: { kind: 'unix-http', socket: host.apiSocket, path: '/v1/vms' },

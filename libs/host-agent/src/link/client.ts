@@ -9,6 +9,15 @@
  * States: connecting (waiting for the channel) → up (stream open, hello written) → backoff → … A stream
  * counts as up once the channel is READY and the call is started; the call failing (server gone, a TLS
  * refusal, keepalive timeout) takes it down at once, so ask-central never waits on a dead stream.
+ *
+ * Several analysis replicas: `address` may list several `host:port`s (comma-separated). Each connect attempt
+ * uses a fresh channel to one address, and every reconnect moves to the next one, so when a replica dies its
+ * agents land on the others; the backoff grows per round over the whole list, not per address. A connect
+ * attempt fails as soon as the channel reports TRANSIENT_FAILURE (refused, TLS refused) or at its deadline.
+ *
+ * Stopping never waits on the network: no grpc-js timer of ours outlives `stop()` (grpc-js's own
+ * `waitForReady` deadline timer survives `close()` and kept a SIGTERMed agent alive for ~10 s when analysis
+ * had never been reachable), so an agent exits at once whatever the link state.
  */
 import { Client, credentials, Metadata, connectivityState, type ClientDuplexStream } from '@grpc/grpc-js';
 import { LinkRequest, LinkResponse } from '@periscope/contracts';
@@ -33,7 +42,7 @@ export interface BackoffOptions {
 export const DEFAULT_BACKOFF: BackoffOptions = { initialMs: 100, maxMs: 10_000, multiplier: 2, jitter: 0.5 };
 
 export interface AgentLinkClientOptions {
-  /** `host:port` of the analysis service. */
+  /** `host:port` of the analysis service, or several comma-separated (replicas: the next one on every reconnect). */
   address: string;
   tls?: LinkTls;
   backoff?: Partial<BackoffOptions>;
@@ -57,8 +66,17 @@ export interface AgentLinkClientOptions {
 export type LinkState = 'idle' | 'connecting' | 'up' | 'backoff' | 'stopped';
 export const LINK_STATE_VALUE: Record<LinkState, number> = { idle: 0, connecting: 1, up: 2, backoff: 3, stopped: 4 };
 
+/** `host:port[,host:port…]` → the addresses, in order (blank items dropped). */
+export function parseAnalysisAddresses(list: string): string[] {
+  return list.split(',').map((s) => s.trim()).filter((s) => s !== '');
+}
+
 export class AgentLinkClient implements BatchSink {
   state: LinkState = 'idle';
+  /** The analysis addresses, in the order they are tried. */
+  readonly addresses: readonly string[];
+  private current = 0;
+  private readyTimer: NodeJS.Timeout | undefined;
   private client: Client | undefined;
   private call: ClientDuplexStream<Buffer, LinkResponse> | undefined;
   private streamSeq = 0;
@@ -72,6 +90,13 @@ export class AgentLinkClient implements BatchSink {
 
   constructor(private readonly opts: AgentLinkClientOptions) {
     this.backoff = { ...DEFAULT_BACKOFF, ...opts.backoff };
+    this.addresses = parseAnalysisAddresses(opts.address);
+    if (this.addresses.length === 0) throw new Error(`no analysis address in ${JSON.stringify(opts.address)}`);
+  }
+
+  /** The address in use (or tried next). */
+  get address(): string {
+    return this.addresses[this.current]!;
   }
 
   get up(): boolean {
@@ -88,10 +113,16 @@ export class AgentLinkClient implements BatchSink {
 
   start(): void {
     if (this.state !== 'idle') return;
+    this.connect();
+  }
+
+  /** A fresh channel to one address (its own subchannel: no state left over from an earlier attempt). */
+  private newClient(address: string): Client {
     const creds = this.opts.tls
       ? credentials.createSsl(this.opts.tls.ca, this.opts.tls.key, this.opts.tls.cert)
       : credentials.createInsecure();
-    this.client = new Client(this.opts.address, creds, {
+    return new Client(address, creds, {
+      'grpc.use_local_subchannel_pool': 1,
       'grpc.keepalive_time_ms': this.opts.keepaliveMs ?? 10_000,
       'grpc.keepalive_timeout_ms': this.opts.keepaliveTimeoutMs ?? 5_000,
       'grpc.keepalive_permit_without_calls': 1,
@@ -102,12 +133,13 @@ export class AgentLinkClient implements BatchSink {
       'grpc.max_send_message_length': 16 * 1024 * 1024,
       'grpc.max_receive_message_length': 16 * 1024 * 1024,
     });
-    this.connect();
   }
 
   stop(): void {
     this.state = 'stopped';
     if (this.timer) clearTimeout(this.timer);
+    if (this.readyTimer) clearTimeout(this.readyTimer);
+    this.readyTimer = undefined;
     if (this.keepaliveTimer) clearInterval(this.keepaliveTimer);
     const call = this.call;
     this.call = undefined;
@@ -136,19 +168,55 @@ export class AgentLinkClient implements BatchSink {
   }
 
   private connect(): void {
-    if (this.state === 'stopped' || !this.client) return;
+    if (this.state === 'stopped') return;
     this.state = 'connecting';
     this.stats.attempts++;
-    const client = this.client;
-    const ch = client.getChannel();
-    // Kick the channel out of IDLE / a stale backoff, then wait for READY.
-    ch.getConnectivityState(true);
-    client.waitForReady(Date.now() + Math.max(1000, this.backoff.maxMs), (err) => {
-      if (this.state !== 'connecting') return;
-      if (err) return this.failed(`analysis unreachable: ${err.message}`);
-      if (ch.getConnectivityState(false) !== connectivityState.READY) return this.failed('channel not ready');
+    const address = this.address;
+    this.client?.close();
+    const client = this.newClient(address);
+    this.client = client;
+    this.awaitReady(client, Math.max(1000, this.backoff.maxMs), (err) => {
+      if (this.state !== 'connecting' || this.client !== client) return;
+      if (err !== undefined) return this.failed(`analysis ${address} unreachable: ${err}`);
       this.startCall();
     });
+  }
+
+  /**
+   * Wait for the channel to be READY (`done()`), fail on TRANSIENT_FAILURE / SHUTDOWN or after `deadlineMs`
+   * (`done(reason)`). Watches without a grpc-js deadline (no timer of grpc-js's outlives the channel); the only
+   * timer is ours, cleared by `stop()`.
+   */
+  private awaitReady(client: Client, deadlineMs: number, done: (err?: string) => void): void {
+    const ch = client.getChannel();
+    let settled = false;
+    const finish = (err?: string): void => {
+      if (settled) return;
+      settled = true;
+      if (this.readyTimer) clearTimeout(this.readyTimer);
+      this.readyTimer = undefined;
+      done(err);
+    };
+    if (this.readyTimer) clearTimeout(this.readyTimer);
+    this.readyTimer = setTimeout(() => finish(`no connection within ${deadlineMs} ms`), deadlineMs);
+    const check = (): void => {
+      if (settled) return;
+      let st: connectivityState;
+      try {
+        st = ch.getConnectivityState(true); // also kicks an IDLE channel into connecting
+      } catch {
+        return finish('channel closed');
+      }
+      if (st === connectivityState.READY) return finish();
+      if (st === connectivityState.TRANSIENT_FAILURE) return finish('connection failed (refused, unreachable or TLS refused)');
+      if (st === connectivityState.SHUTDOWN) return finish('channel closed');
+      try {
+        ch.watchConnectivityState(st, Infinity, check);
+      } catch {
+        finish('channel closed');
+      }
+    };
+    check();
   }
 
   private startCall(): void {
@@ -187,7 +255,7 @@ export class AgentLinkClient implements BatchSink {
     this.state = 'up';
     this.attempt = 0;
     this.stats.connects++;
-    this.opts.log('info', 'analysis link up', { analysis: this.opts.address, tls: this.opts.tls !== undefined });
+    this.opts.log('info', 'analysis link up', { analysis: this.address, tls: this.opts.tls !== undefined });
     this.send(this.opts.hello());
     this.opts.onUp();
     const every = this.opts.appKeepaliveMs ?? 5000;
@@ -219,8 +287,11 @@ export class AgentLinkClient implements BatchSink {
     this.state = 'backoff';
     if (wasUp) this.opts.log('warn', 'analysis link down', { reason });
     this.opts.onDown(reason);
+    // Next time, the next replica; the backoff grows once per round over the whole list.
+    this.current = (this.current + 1) % this.addresses.length;
     const b = this.backoff;
-    const base = Math.min(b.maxMs, b.initialMs * b.multiplier ** this.attempt);
+    const round = Math.floor(this.attempt / this.addresses.length);
+    const base = Math.min(b.maxMs, b.initialMs * b.multiplier ** round);
     const delay = Math.max(1, Math.round(base * (1 - b.jitter * Math.random())));
     this.attempt++;
     if (!wasUp && this.attempt === 1) this.opts.log('warn', 'analysis link: cannot connect, retrying with backoff', { reason });

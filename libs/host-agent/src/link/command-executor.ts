@@ -53,6 +53,8 @@ export interface CommandExecutorOptions {
   allow: ReadonlySet<string>;
   /** Attached VM by uuid text. */
   vm(uuid: string): VmConnection | undefined;
+  /** A relayed VCPU_CONTROL_SINGLESTEP succeeded (the link's fail-open needs to know). */
+  onSinglestep?(vm: VmConnection, vcpu: number, enabled: boolean): void;
   defaultTimeoutMs?: number;
 }
 
@@ -125,9 +127,13 @@ export class CommandExecutor {
           r = await req('VM_READ_PHYSICAL', { gpa: c.value.gpa, size: c.value.size });
           toResult = (v) => ({ $case: 'readPhysical', value: { data: Buffer.from(v['data'] as Uint8Array) } });
           break;
-        case 'writePhysical':
-          r = await req('VM_WRITE_PHYSICAL', { gpa: c.value.gpa, data: c.value.data });
+        case 'writePhysical': {
+          // Every byte analysis changes is remembered (and persisted by the link) so that detach, SIGTERM and a
+          // restart after kill -9 can restore it (vm-connection.ts writeRemembered, planted-store.ts).
+          const w = await vm.writeRemembered(c.value.gpa, c.value.data, timeout);
+          r = (w.ok ? { ok: true, value: {} } : w) as ReplyResult<CommandKey>;
           break;
+        }
         case 'pauseVcpu':
           r = await req('VM_PAUSE_VCPU', { vcpu, wait: c.value.wait ? 1 : 0 });
           break;
@@ -209,6 +215,7 @@ export class CommandExecutor {
           break;
         case 'controlSinglestep':
           r = await req('VCPU_CONTROL_SINGLESTEP', { vcpu, enable: c.value.enable ? 1 : 0 });
+          if (r.ok) this.opts.onSinglestep?.(vm, vcpu, c.value.enable);
           break;
         case 'translateGva':
           r = await req('VCPU_TRANSLATE_GVA', { vcpu, gva: c.value.gva });

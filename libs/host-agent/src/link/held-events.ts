@@ -25,6 +25,11 @@ export interface HeldEntry {
   /** CR/MSR old/new values (for central reply values). */
   readonly values: { old: bigint; new: bigint } | undefined;
   readonly deadlineMs: number;
+  /**
+   * Instead of replying the default action: answer the held event some other way (breakpoint tracing's
+   * fail-open, analysis-writes.ts), given the reason. It must reply to the vCPU itself.
+   */
+  readonly failOpen?: (reason: DefaultReason) => void;
   timer: NodeJS.Timeout | undefined;
 }
 
@@ -113,7 +118,8 @@ export class HeldEventRegistry {
     if (reason === DefaultReason.DEFAULT_REASON_DEADLINE) this.stats.deadline++;
     else if (reason === DefaultReason.DEFAULT_REASON_CENTRAL_UNAVAILABLE) this.stats.unavailable++;
     this.opts.onResolve(entry, { tier: VerdictTier.VERDICT_TIER_DEFAULT, reason });
-    entry.vm.replyHeldSeq(entry.vcpu, entry.seq, entry.defaultAction, entry.defaultNewVal);
+    if (entry.failOpen) entry.failOpen(reason);
+    else entry.vm.replyHeldSeq(entry.vcpu, entry.seq, entry.defaultAction, entry.defaultNewVal);
   }
 
   private finish(entry: HeldEntry): void {

@@ -9,7 +9,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import { join } from 'node:path';
-import type { VcpuEventView } from '@periscope/kvmi';
+import { structs, type VcpuEventView } from '@periscope/kvmi';
 import {
   AgentCapability,
   CommandStatus,
@@ -48,6 +48,8 @@ import { CommandExecutor } from './command-executor.js';
 import { HeldEventRegistry, type HeldEntry, type Resolution } from './held-events.js';
 import { ReportQueue, type LinkVm, type PolicyRef } from './outbound-queue.js';
 import { PauseStore } from './pause-store.js';
+import { AnalysisWrites, type AnalysisEventKind } from './analysis-writes.js';
+import { PlantedStore } from './planted-store.js';
 import { DetectionSpool } from './spool.js';
 import { readInstructionAt } from '../instruction-skip.js';
 
@@ -194,6 +196,8 @@ export class LinkRuntime {
   readonly held: HeldEventRegistry;
   readonly spool: DetectionSpool;
   readonly pauses: PauseStore;
+  /** Bytes analysis wrote (breakpoints), its single steps, their fail-open and persistence (analysis-writes.ts). */
+  readonly writes: AnalysisWrites;
   readonly commands: CommandExecutor;
   readonly instanceId = randomUUID();
   /** Heki state up the link, analysis's per-VM denial completions down (with a Heki sink only). */
@@ -227,7 +231,8 @@ export class LinkRuntime {
     this.queue = new ReportQueue({ capacity: cfg.reportQueueSize ?? 65536, maxBatch: cfg.batchMax ?? 512, hostId: opts.hostId });
     this.spool = new DetectionSpool(opts.stateDir ? join(opts.stateDir, 'spool') : undefined, cfg.spoolMaxBytes ?? 64 * 1024 * 1024, opts.log);
     this.pauses = new PauseStore(opts.stateDir);
-    this.commands = new CommandExecutor({ allow: this.allow, vm: opts.vm });
+    this.writes = new AnalysisWrites({ store: new PlantedStore(opts.stateDir), log: opts.log });
+    this.commands = new CommandExecutor({ allow: this.allow, vm: opts.vm, onSinglestep: (vm, vcpu, on) => this.writes.singlestepSet(vm, vcpu, on) });
     this.held = new HeldEventRegistry({
       allowCrash: this.allow.has('crash'),
       log: opts.log,
@@ -304,7 +309,11 @@ export class LinkRuntime {
     // A copy only when the frame is needed after the reply (the event reported, or a detection); the
     // held event is encoded from the view below, while it is valid.
     ctx.frame = v.reportEvent || v.severity > 0 ? Buffer.from(view.frame) : null;
-    if (!v.askCentral) return undefined;
+    // Analysis's own breakpoints and single steps: held for analysis, answered here when it cannot (fail open).
+    const own = this.writes.classify(vm, view, v.askCentral);
+    if (own === 'foreign-breakpoint') return this.writes.localDecision(vm, view, own);
+    const local = own ? this.writes.localDecision(vm, view, own) : undefined;
+    if (!v.askCentral) return local;
     ctx.report = true; // held events always leave a verdict record
     ctx.tier = VerdictTier.VERDICT_TIER_DEFAULT;
     const plain = v.kind !== 'skip' && v.kind !== 'inject';
@@ -312,17 +321,17 @@ export class LinkRuntime {
     if (!this.client.up || !plain) {
       ctx.reason = DefaultReason.DEFAULT_REASON_CENTRAL_UNAVAILABLE;
       this.held.stats.unavailable++;
-      return undefined;
+      return local;
     }
     if (this.held.size >= max) {
       ctx.reason = DefaultReason.DEFAULT_REASON_HOLD_LIMIT;
       this.held.stats.holdLimit++;
-      return undefined;
+      return local;
     }
     if (!heldEventEncodable(view.eventId)) {
       ctx.reason = DefaultReason.DEFAULT_REASON_CENTRAL_UNAVAILABLE;
       this.held.stats.unavailable++;
-      return undefined;
+      return local;
     }
     // Sent at once, never batched: the vCPU is waiting. Hand-encoded from the frame (event-wire.ts).
     const w = this.heldWriter;
@@ -345,9 +354,16 @@ export class LinkRuntime {
       defaultNewVal: newVal,
       values: crMsrValues(view),
       deadlineMs: v.deadlineMs,
+      ...(own ? { failOpen: this.failOpenOf(vm, view, own) } : {}),
     });
     this.client.write(w.take());
     return v.ruleId ? { kind: 'hold', ruleId: v.ruleId } : HOLD;
+  }
+
+  /** The held event's fail-open (its default when analysis does not answer in time), read from the view now. */
+  private failOpenOf(vm: VmConnection, view: VcpuEventView, kind: AnalysisEventKind): (reason: DefaultReason) => void {
+    const at = { vcpu: view.vcpu, seq: view.seq, gpa: kind === 'planted-breakpoint' ? view.specificU64(structs.kvmi_vcpu_event_breakpoint, 'gpa') : 0n };
+    return (reason) => this.writes.failOpenHeld(vm, at, kind, reason === DefaultReason.DEFAULT_REASON_DEADLINE ? 'verdict deadline passed' : 'analysis unavailable');
   }
 
   private onHeldResolved(e: HeldEntry, how: Resolution): void {
@@ -523,7 +539,7 @@ export class LinkRuntime {
 
   private onUp(): void {
     this.streamNo++;
-    for (const vm of this.opts.vms()) if (vm.info) this.sendAttached(vm);
+    for (const vm of this.opts.vms()) if (vm.info && !this.writes.recoveringVm(vm.uuid)) this.sendAttached(vm);
     this.heki?.onUp();
     this.sendSpool();
     this.queue.flush();
@@ -538,7 +554,11 @@ export class LinkRuntime {
     const st = this.stateOf(vm);
     (st.link as { generation: number }).generation = vm.info?.sessionGeneration ?? 0;
     vm.onReplied = (vcpu, seq, eventId, action, newVal, ns) => this.onReplied(vm, vcpu, seq, eventId, action, newVal, ns);
-    if (this.client.up) this.sendAttached(vm);
+    // Bytes an earlier session (or a killed agent) left in the guest are restored before analysis hears of
+    // the attach, so that it re-plants over the guest's own bytes.
+    const recovery = this.writes.attach(vm);
+    if (recovery) void recovery.then(() => { if (this.client.up && vm.info && !vm.session.isClosed) this.sendAttached(vm); });
+    else if (this.client.up) this.sendAttached(vm);
     if (this.pauses.isPaused(vm.uuid)) {
       this.opts.log('info', 'VM re-attached while paused by analysis: pausing it again', { vm: vm.uuid });
       vm.pause().catch((e: unknown) => this.opts.log('warn', `re-applying the pause failed: ${(e as Error).message}`, { vm: vm.uuid }));

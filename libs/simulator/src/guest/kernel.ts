@@ -120,6 +120,12 @@ const ROUTINES: ReadonlyArray<{ name: string; offset: number; code: readonly Ins
   { name: 'text_poke', offset: 0x300, code: ['mov [rdi], rax', 'ret'] },
   { name: 'copy_from_user', offset: 0x310, code: ['stac', 'mov rax, [rdi]', 'clac', 'ret'] },
   { name: 'copy_to_user', offset: 0x320, code: ['stac', 'mov [rdi], rax', 'clac', 'ret'] },
+  /**
+   * `sim_copy_tagged(dst = RDI, src = RSI, tag = RDX, len = RCX)`: copies RCX bytes (`rep movsb`); the tag is
+   * the caller's call id (ignored by the code). A function with SysV arguments for breakpoint tracing, whose
+   * first instruction is longer than the INT3 planted over it (docs/tracing.md).
+   */
+  { name: 'sim_copy_tagged', offset: 0x330, code: ['rep movsb', 'ret'] },
 ];
 
 /** Fixed symbol offsets (routines are added from ROUTINES, syscalls from SYSCALLS). */
@@ -138,6 +144,7 @@ const FIXED_SYMBOLS: Readonly<Record<string, { offset: number; size: number }>> 
   sim_counters: { offset: 0x14000, size: 0x1000 },
   sim_protected_data: { offset: 0x15000, size: 0x1000 },
   desc_scratch: { offset: 0x16000, size: 0x1000 },
+  sim_copy_buffer: { offset: 0x17000, size: 0x1000 },
   idt_table: { offset: IMAGE.idt.offset, size: 0x1000 },
   gdt_page: { offset: IMAGE.gdt.offset, size: 0x1000 },
   _end: { offset: IMAGE.end, size: 0 },

@@ -689,6 +689,7 @@ export class SimVcpu {
       const ctx: GuestCtx = { events: [], otherExit: false };
       const env = this.env(ctx);
       const rip = this.cpu.regs.rip;
+      const stepping = this.intro?.singlestep ?? false;
       const f = await fetch(env);
       let r: ExecResult;
       let name: InstructionName | undefined;
@@ -700,8 +701,8 @@ export class SimVcpu {
       } else r = f;
       instructions++;
       let crashed = ctx.events.some((e) => e.ended === 'CRASH');
-      if (!crashed && this.intro?.singlestep) {
-        const o = await this.raise(ctx, 'SINGLESTEP', { failed: ctx.otherExit ? 1 : 0 });
+      if (!crashed && this.singlestepAfter(stepping, r.kind === 'retry')) {
+        const o = await this.raise(ctx, 'SINGLESTEP', { failed: stepping && ctx.otherExit ? 1 : 0 });
         crashed = o.kind === 'reply' && o.action === 'CRASH';
       }
       events.push(...ctx.events);
@@ -742,10 +743,11 @@ export class SimVcpu {
       this.units.push({
         start: async () => {
           const ctx: GuestCtx = { events: [], otherExit: false };
+          const stepping = this.intro?.singlestep ?? false;
           const body = await run(ctx);
           let crashed = ctx.events.some((e) => e.ended === 'CRASH');
-          if (!crashed && this.intro?.singlestep) {
-            const o = await this.raise(ctx, 'SINGLESTEP', { failed: ctx.otherExit ? 1 : 0 });
+          if (!crashed && this.singlestepAfter(stepping, body.outcome === 'retry')) {
+            const o = await this.raise(ctx, 'SINGLESTEP', { failed: stepping && ctx.otherExit ? 1 : 0 });
             crashed = o.kind === 'reply' && o.action === 'CRASH';
           }
           if (crashed) this.crash();
@@ -761,6 +763,18 @@ export class SimVcpu {
   private recordException(e: { vector: number; errorCode: number | undefined }): void {
     this.deliveredExceptions.push(e);
     if (this.deliveredExceptions.length > MAX_EXCEPTION_LOG) this.deliveredExceptions.shift();
+  }
+
+  /**
+   * Whether the monitor trap flag ends this instruction in a SINGLESTEP event. Singlestep enabled before the
+   * instruction: yes, after it (`failed` when it also exited for another reason). Enabled by a command run
+   * while the instruction's own exit waited for its reply (the tool's breakpoint pattern: restore the byte,
+   * enable singlestep, RETRY): KVM had not armed MTF at that exit, and a retried instruction has not executed
+   * yet — the event comes after it re-executes; an instruction that completed through its exit steps now.
+   */
+  private singlestepAfter(steppingBefore: boolean, retried: boolean): boolean {
+    if (!this.intro?.singlestep) return false;
+    return steppingBefore || !retried;
   }
 
   /** Wake the run loop, as a kick (KVM_REQ_INTROSPECTION + IPI) would: on a later turn of the event loop. */

@@ -46,6 +46,7 @@ import { deriveSeed, mulberry32, randBytes, randInt, type Prng } from '../prng.j
 import { KvmiHook } from './hook.js';
 import { newVmStats, type GuestEventRecord, type LivelockReport, type VmStats } from './types.js';
 import { SimVcpu, type VcpuHost } from './vcpu.js';
+import { TaggedCallLog } from '../guest/tagged-copy.js';
 
 type CommandMsg = Extract<KernelMessage, { kind: 'command' }>;
 type Req = Record<string, unknown>;
@@ -114,6 +115,8 @@ export interface SimVmEvents {
   'internal-error': [err: unknown];
   /** A vCPU event ended (any vCPU), with its RIP and data. */
   'guest-event': [record: GuestEventRecord];
+  /** A KVMI command arrived from the tool (before its checks), by catalog key, with its decoded request (tests count them). */
+  command: [key: string, vcpu: number | null, request: Record<string, unknown>];
   /** A vCPU faulted identically LIVELOCK_FAULTS times in a row. */
   livelock: [report: LivelockReport];
   /** KVM_RUN returned a Heki exit to the VMM (before the VMM completes it). */
@@ -153,6 +156,8 @@ export class SimVm extends EventEmitter<SimVmEvents> implements VcpuHost {
   readonly paddingNoise: boolean;
   readonly stallThresholdMs: number;
   readonly stats: VmStats = newVmStats();
+  /** Ground truth of the guest's `sim_copy_tagged` calls (guest/tagged-copy.ts; breakpoint tracing tests). */
+  readonly taggedCalls = new TaggedCallLog();
   /** Heki (RFC v2): pinned CRs, notification caps, the lock hypercall (docs/heki.md). */
   readonly heki: HekiKvm;
   /** The VMM's handling of Heki exits (KVM_RUN returning 39/40); without one KVM_RUN is re-entered at once. */
@@ -464,6 +469,7 @@ export class SimVm extends EventEmitter<SimVmEvents> implements VcpuHost {
           this.vcpus[m.vcpu]!.queueReply(hook, m.seq, m.payload);
           return;
         case 'command':
+          if (this.listenerCount('command') > 0) this.emit('command', m.def.key, m.vcpu, m.request as Req);
           if (m.vcpu === null) this.vmCommand(hook, m);
           else this.vcpus[m.vcpu]!.queueCommand(hook, m);
           return;
