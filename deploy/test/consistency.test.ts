@@ -129,7 +129,7 @@ describe.each(VALUES_FILES)('values %s', (valuesFile) => {
 
     // Analysis: the headless Service, on its gRPC port.
     const headless = one(objects(), 'Service', names.headless);
-    expect(v.analysis).toBe(`${names.headless}.${NAMESPACE}.svc:${headless.spec.ports.find((p: any) => p.name === 'grpc').port}`);
+    expect(v.analysis).toEqual([`${names.headless}.${NAMESPACE}.svc:${headless.spec.ports.find((p: any) => p.name === 'grpc').port}`]);
 
     if (v['cookie-file']) {
       const at = volumeFor(pod, c, v['cookie-file']);

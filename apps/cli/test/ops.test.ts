@@ -318,7 +318,7 @@ describe('periscope operator commands (real analysis, host agent and simulator)'
     expect((await cli(['vm', 'pause', 'no-such-vm'])).code).toBe(3);
   }, 120_000);
 
-  it('scan reads guest memory; trace against an agent refusing writes exits 1 with the refusal', async () => {
+  it('scan reads guest memory; trace against an agent refusing writes exits 5 (refused) with the refusal', async () => {
     const scan = await cli(['scan', 'sim-vm-0', '--signature', '??', '--range', '0x0:0x2000', '--max-matches', '4']);
     expect(scan.code).toBe(0);
     expect(scan.out).toMatch(/^4 matches \(truncated\) in \d+ bytes of sim-vm-0 via /m);
@@ -328,10 +328,10 @@ describe('periscope operator commands (real analysis, host agent and simulator)'
     expect((await cli(['scan', 'sim-vm-0', '--signature', '??', '--range', 'junk'])).code).toBe(2);
     expect((await cli(['scan', 'no-such-vm', '--signature', '00', '--range', '0:1'])).code).toBe(3);
 
-    // This agent does not allow guest memory writes: trace exits 1 with the agent's refusal, nothing stays active.
+    // This agent does not allow guest memory writes: trace exits 5 (refused) with the agent's refusal, nothing stays active.
     // (sim-vm-1: sim-vm-0's LSTAR is hijacked by the attack loop, so its KASLR slide cannot be derived.)
     const trace = await cli(['trace', 'sim-vm-1', 'sim_copy_tagged', '--for', '2s']);
-    expect(trace.code).toBe(1);
+    expect(trace.code).toBe(5);
     expect(trace.err).toMatch(/refused: .*--allow-command write-physical/);
     expect(trace.err).not.toMatch(/\n\s+at /); // no stack trace
     const list = await cli(['trace', 'list']);

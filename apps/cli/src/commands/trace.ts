@@ -36,21 +36,15 @@ const traceStart = (argv: string[], io: OutIo, signal?: AbortSignal) =>
   runOp({
     command: 'trace',
     summary:
-      "Trace calls of a guest kernel function with a breakpoint: analysis plants an INT3 at the function (its address from the guest OS profile and the VM's KASLR slide) through the VM's host agent, records each call with its argument registers and steps the vCPU over the original instruction (VCPU_CONTROL_SINGLESTEP, the other vCPUs paused meanwhile). Hits are printed as they come; Ctrl-C (or --for) stops the trace and restores the byte.\n\nThe agent must allow guest memory writes (`--allow-command write-physical`); a refusal is printed and the exit status is 1. A VM whose KVM lacks the singlestep feature is refused too.\n\nAlso: `periscope trace stop VM FUNCTION`, `periscope trace list [--vm VM] [--all]`.",
+      "Trace calls of a guest kernel function with a breakpoint: analysis plants an INT3 at the function (its address from the guest OS profile and the VM's KASLR slide) through the VM's host agent, records each call with its argument registers and steps the vCPU over the original instruction (VCPU_CONTROL_SINGLESTEP, the other vCPUs paused meanwhile). Hits are printed as they come; Ctrl-C (or --for) stops the trace and restores the byte.\n\nThe agent must allow guest memory writes (`--allow-command write-physical`); a refusal is printed and the exit status is 5 (refused). A VM whose KVM lacks the singlestep feature is refused too.\n\nAlso: `periscope trace stop VM FUNCTION`, `periscope trace list [--vm VM] [--all]`.",
     examples: ['periscope trace sim-vm-0 sim_copy_tagged --args 4', 'periscope trace sim-vm-0 sim_copy_tagged --for 10s --json', 'periscope trace sim-vm-0 native_write_cr4 --detach', 'periscope trace stop sim-vm-0 native_write_cr4', 'periscope trace list --all'],
     schema: startSchema,
     run: async (c) => {
       const v = c.cfg.values;
       const { vm, function: fn } = c.cfg.positionals;
       const t = c.target();
-      let r: { status: number; body: Json };
-      try {
-        r = await apiJson(t, `/v1/vms/${enc(vm)}/traces`, { method: 'POST', body: JSON.stringify({ function: fn, args: v.args, by: v.by }) }, `trace ${fn} on ${vm}`);
-      } catch (e) {
-        // The agent's (or analysis') refusal is the message; the status is an error (1), as documented above.
-        if (e instanceof CliError && e.exitCode === EXIT.refused && /\(refused\)$/.test(e.message)) throw new CliError(EXIT.error, e.message);
-        throw e;
-      }
+      // The agent's (or analysis') refusal is the message; exit 5 (refused), like every other command.
+      const r = await apiJson(t, `/v1/vms/${enc(vm)}/traces`, { method: 'POST', body: JSON.stringify({ function: fn, args: v.args, by: v.by }) }, `trace ${fn} on ${vm}`);
       const tr = obj(r.body.trace);
       if (c.json) io.out(JSON.stringify({ event: 'started', trace: tr }));
       else io.out(`tracing ${str(tr.function)} on ${str(tr.vmName) || vm} at ${str(tr.gva)} (gpa ${str(tr.gpa)}, original byte ${str(tr.originalByte)}), recording ${(Array.isArray(tr.registers) ? tr.registers : []).map(str).join(', ') || 'no registers'}`);
