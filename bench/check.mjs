@@ -4,10 +4,11 @@
 // exits 1 when any figure regressed by more than 25 %.
 //
 // Each figure is compared on its gated statistic (p50 for latencies, the value otherwise), median over the
-// repeats, as its ratio to its same-run baseline figure where it has one (so the machine's speed cancels
-// out: the agent's stall / the raw responder's, events/s / the raw echo's), else as the value itself.
-// p99s are printed in the results and the docs but not gated: on two shared cores they move by more than
-// 25 % between identical runs (see the min–max columns of docs/benchmarks.md).
+// repeats: as its ratio to its same-run baseline figure where it has one (so the machine's speed cancels
+// out: the agent's stall / the raw responder's, events/s / the raw echo's), memory footprints (MiB) as
+// values; the baselines themselves and other absolute times / CPU % are printed, not gated (lib/results.mjs
+// gateOf). p99s are recorded but not gated: on two shared cores they move by more than 25 % between
+// identical runs (see the min–max columns of docs/benchmarks.md).
 // Exit codes: 0 no regression, 1 a regression or a figure missing, 2 bad input.
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { dirname, join, relative } from 'node:path';
@@ -66,12 +67,13 @@ if (current.short !== baseline.short) fail(`${relative(root, file)} is ${current
 
 const rows = compareResults(baseline, current, limit);
 const fmt = (v) => (v === null ? '—' : Math.abs(v) >= 100 ? v.toFixed(0) : v.toFixed(3));
+const pctChange = (c) => (Number.isFinite(c) ? `${c >= 0 ? '+' : ''}${(c * 100).toFixed(1)}%` : 'worse');
 console.log(`bench:check ${relative(root, file)} against ${relative(root, baselinePath)} (fail above +${Math.round(limit * 100)} %; medians; + = worse)`);
 console.log(`  baseline: ${baseline.startedAt} ${baseline.machine.cpuModel} × ${baseline.machine.cores}, load ${baseline.machine.loadBefore[0]}; current: ${current.startedAt} ${current.machine.cpuModel} × ${current.machine.cores}, load ${current.machine.loadBefore[0]}\n`);
-console.log(`  ${'figure'.padEnd(28)} ${'compared'.padEnd(34)} ${'baseline'.padStart(10)} ${'current'.padStart(10)} ${'change'.padStart(8)}`);
+console.log(`  ${'figure'.padEnd(28)} ${'compared'.padEnd(44)} ${'baseline'.padStart(10)} ${'current'.padStart(10)} ${'change'.padStart(8)}`);
 for (const r of rows) {
-  const change = r.change === null ? (r.of === 'missing' ? 'MISSING' : 'new') : `${r.change >= 0 ? '+' : ''}${(r.change * 100).toFixed(1)}%`;
-  console.log(`  ${r.id.padEnd(28)} ${`${r.stat}, ${r.of}`.padEnd(34)} ${fmt(r.baseline).padStart(10)} ${fmt(r.current).padStart(10)} ${change.padStart(8)}${r.regressed ? '  REGRESSION' : ''}`);
+  const change = r.change === null ? (r.of === 'missing' ? 'MISSING' : 'new') : pctChange(r.change);
+  console.log(`  ${r.id.padEnd(28)} ${`${r.stat}, ${r.of}`.padEnd(44)} ${fmt(r.baseline).padStart(10)} ${fmt(r.current).padStart(10)} ${change.padStart(8)}${r.regressed ? '  REGRESSION' : ''}`);
 }
 const bad = rows.filter((r) => r.regressed);
 console.log(bad.length ? `\n${bad.length} figure(s) regressed by more than ${Math.round(limit * 100)} % or are missing` : '\nno regression');

@@ -88,7 +88,7 @@ const FIGURES = [
     method: `${SIZES.ingest.agents} scripted agents × 8 VMs on real gRPC, EventBatch of 512 events (CR/MSR/PF with registers) as fast as the streams accept, ${SIZES.ingest.seconds} s after 1 s warm-up; the service's own events counter (libs/analysis/bench/run.mjs --baseline).` },
   { id: 'B3.grpc-sink', group: 'B3', title: 'the same agents into a raw grpc-js sink (counts messages)', unit: 'events/s', better: 'higher',
     method: 'The same clients and batches into a grpc-js server whose Link method has an identity deserializer and counts messages.' },
-  { id: 'B4.v2-cold', group: 'B4', title: 'memory: hash 64 MiB through analysis → guest agent, ABI v2, cold (tokens + map + hash)', unit: 'MiB/s', better: 'higher', against: ['B4.read', 'B4.memcpy'],
+  { id: 'B4.v2-cold', group: 'B4', title: `memory: hash ${SIZES.memMiB} MiB through analysis → guest agent, ABI v2, cold (tokens + map + hash)`, unit: 'MiB/s', better: 'higher', against: ['B4.read', 'B4.memcpy'],
     method: `SHA-256 of every 4 KiB page of ${SIZES.memMiB} MiB: analysis (PGlite in memory) → guest agent on the simulated /dev/kvmmem; every GET_MAP_TOKEN relayed through the host agent; digests compared page by page with the read path (libs/analysis/bench/memory.mjs).` },
   { id: 'B4.v2-warm', group: 'B4', title: 'memory: the same, warm (mapped: hash only)', unit: 'MiB/s', better: 'higher', against: ['B4.read', 'B4.memcpy', 'B4.sha256'],
     method: 'HashMemory again over the mapped range.' },

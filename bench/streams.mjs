@@ -314,9 +314,10 @@ async function peerChild() {
 /** A fresh PostgreSQL database for the replica (dropped after), or PGlite in memory when none answers. */
 async function withDatabase(fn) {
   const dsn = process.env.PERISCOPE_TEST_POSTGRES || 'postgres://postgres@127.0.0.1:5432/postgres';
-  const { default: pg } = await import('pg');
-  const admin = new pg.Client({ connectionString: dsn, connectionTimeoutMillis: 2000 });
+  let admin;
   try {
+    const { default: pg } = await import('pg');
+    admin = new pg.Client({ connectionString: dsn, connectionTimeoutMillis: 2000 });
     await admin.connect();
   } catch {
     progress(`no PostgreSQL answers at ${dsn}: PGlite in memory`);

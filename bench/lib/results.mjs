@@ -141,33 +141,46 @@ export function replaceTable(doc, table) {
 
 // ---- bench:check ------------------------------------------------------------------------------------
 /**
- * Compares `current` with `baseline`, figure by figure, on each figure's gated statistic: its ratio to its
- * first same-run baseline figure when it has one (machine speed cancels out), else its value. Medians over
- * the repeats. Returns rows { id, stat, of, baseline, current, change (signed, + = worse), regressed }.
+ * How bench:check gates a figure: by its ratio to its first same-run baseline figure when it has one (the
+ * machine's speed and load largely cancel out), by value when it is a memory footprint (MiB: independent of
+ * the machine's speed), else not at all — the baselines and references themselves (raw responder, C
+ * ping-pong, raw echo, memcpy…) and other absolute times / CPU % measure the machine as much as Periscope.
+ */
+export function gateOf(f) {
+  if (f.compare.length) return 'ratio';
+  return f.unit === 'MiB' ? 'value' : 'none';
+}
+
+/**
+ * Compares `current` with `baseline`, figure by figure, on each figure's gated statistic (p50 or value,
+ * medians over the repeats). Returns rows { id, stat, of, baseline, current, change (signed, + = worse),
+ * gated, regressed }.
  */
 export function compareResults(baseline, current, limit = REGRESSION_LIMIT) {
   const rows = [];
   for (const f of current.figures) {
     const b = baseline.figures.find((x) => x.id === f.id);
     if (!b) {
-      rows.push({ id: f.id, stat: f.primary, of: 'new', baseline: null, current: null, change: null, regressed: false });
+      rows.push({ id: f.id, stat: f.primary, of: 'new', baseline: null, current: null, change: null, gated: false, regressed: false });
       continue;
     }
+    const gate = gateOf(f);
     const c0 = f.compare[0];
     const b0 = c0 ? b.compare.find((x) => x.against === c0.against) : undefined;
     let of = 'value';
     let bv = b.stats[f.primary]?.median;
     let cv = f.stats[f.primary]?.median;
-    if (c0 && b0 && c0.ratio[f.primary] && b0.ratio[f.primary]) {
+    if (gate === 'ratio' && b0 && c0.ratio[f.primary] && b0.ratio[f.primary]) {
       of = `ratio to ${c0.against}`;
       bv = b0.ratio[f.primary].median;
       cv = c0.ratio[f.primary].median;
     }
     if (bv === undefined || cv === undefined) continue;
     // + = worse: for "lower is better" a larger number, for "higher is better" a smaller one.
-    const change = f.better === 'lower' ? cv / bv - 1 : bv / cv - 1;
-    rows.push({ id: f.id, stat: f.primary, of, baseline: bv, current: cv, change, regressed: change > limit });
+    const change = bv === cv ? 0 : f.better === 'lower' ? (bv === 0 ? Infinity : cv / bv - 1) : cv === 0 ? Infinity : bv / cv - 1;
+    const gated = gate !== 'none';
+    rows.push({ id: f.id, stat: f.primary, of: gated ? of : `${of} (not gated)`, baseline: bv, current: cv, change, gated, regressed: gated && change > limit });
   }
-  for (const b of baseline.figures) if (!current.figures.some((f) => f.id === b.id)) rows.push({ id: b.id, stat: b.primary, of: 'missing', baseline: null, current: null, change: null, regressed: true });
+  for (const b of baseline.figures) if (!current.figures.some((f) => f.id === b.id)) rows.push({ id: b.id, stat: b.primary, of: 'missing', baseline: null, current: null, change: null, gated: true, regressed: true });
   return rows;
 }
