@@ -12,7 +12,7 @@ import { compilePolicy, deriveInterception, formatPolicy, type Action, type Even
 import { AnalysisError } from './errors.js';
 import type { ModuleName, PolicySpec } from './policy.js';
 import { choosePolicy, MSR_NAMES } from './policy.js';
-import { sectionGpaRange, symbolPageRange, symbolRipRange, type KernelFacts, type ProfileRegistry } from './profiles.js';
+import { sectionGpaRange, symbolPageRange, symbolRipRange, type GuestOsProfile, type KernelFacts, type ProfileRegistry } from './profiles.js';
 import { localAction, type ResponseSpec } from './responses.js';
 
 export const LOCAL_POLICY_ID = 'periscope-analysis';
@@ -152,8 +152,10 @@ export function buildHostPolicy(args: {
       if (s.msrs.length) {
         const id = `${P}/syscall-msrs/entry`;
         rules.push({ id, description: 'system-call entry MSR rewritten after boot', match: { kind: 'MSR', vms: uuids, msr: s.msrs, changes: ALL_ONES }, action: act(s.action, { kind: 'deny' }, s.response), report: REPORT_EVENT, severity: s.severity });
-        // Boot-done condition (docs/profiles.md): a vCPU's MSR still 0 has not been initialised by the kernel.
-        exceptions.push({ id: `${P}/syscall-msrs/boot`, rules: [id], match: { kind: 'MSR', vms: uuids, old: { mask: ALL_ONES, value: 0n } }, action: { kind: 'allow' }, report: REPORT_NEVER, reason: 'boot-time initialisation (old value 0)', createdBy: 'module:syscall-msrs' });
+        // The profile's boot-done condition (docs/profiles.md): a vCPU's MSR still at its unset value has not
+        // been initialised by the kernel yet.
+        const unset = bootDoneOf(args.profiles, spec).syscallMsrUnsetValue;
+        exceptions.push({ id: `${P}/syscall-msrs/boot`, rules: [id], match: { kind: 'MSR', vms: uuids, old: { mask: ALL_ONES, value: unset } }, action: { kind: 'allow' }, report: REPORT_NEVER, reason: `boot-time initialisation (old value 0x${unset.toString(16)}, profile ${spec.profile})`, createdBy: 'module:syscall-msrs' });
       }
       if (s.eferNxe) rules.push({ id: `${P}/syscall-msrs/efer-nxe`, description: 'EFER write clearing NXE', match: { kind: 'MSR', vms: uuids, msr: [MSR_NAMES['EFER']!], clears: EFER_NXE }, action: act(s.action, { kind: 'deny', forceBits: EFER_NXE }, s.response), report: REPORT_EVENT, severity: s.severity });
     }
@@ -162,7 +164,8 @@ export function buildHostPolicy(args: {
       for (const t of d.tables) {
         const id = `${P}/descriptor-tables/${t.toLowerCase()}`;
         rules.push({ id, description: `${t} load after boot`, match: { kind: 'DESCRIPTOR', vms: uuids, descriptor: [t === 'IDTR' ? 1 : 2], write: true }, action: act(d.action, { kind: 'skip' }, d.response), report: REPORT_EVENT, severity: d.severity });
-        exceptions.push({ id: `${id}-firmware`, rules: [id], match: { kind: 'DESCRIPTOR', vms: uuids, rip: [{ start: 0n, end: 0x100000n }] }, action: { kind: 'allow' }, report: REPORT_NEVER, reason: 'firmware and boot loaders below 1 MiB (boot not done)', createdBy: 'module:descriptor-tables' });
+        const below = bootDoneOf(args.profiles, spec).firmwareRipBelow;
+        exceptions.push({ id: `${id}-firmware`, rules: [id], match: { kind: 'DESCRIPTOR', vms: uuids, rip: [{ start: 0n, end: below }] }, action: { kind: 'allow' }, report: REPORT_NEVER, reason: `firmware and boot loaders below RIP 0x${below.toString(16)} (boot not done; profile ${spec.profile})`, createdBy: 'module:descriptor-tables' });
       }
     }
     if (m.kernelCodeIntegrity) {
@@ -253,4 +256,11 @@ export function buildHostPolicy(args: {
   const document = formatPolicy(policy);
   const contentKey = formatPolicy({ ...policy, version: 0n });
   return { policy, document, contentKey, assignments, warnings };
+}
+
+/** The boot-done condition of the policy's guest OS profile (docs/profiles.md); a policy names a known profile. */
+function bootDoneOf(profiles: ProfileRegistry, spec: PolicySpec): GuestOsProfile['bootDone'] {
+  const p = profiles.get(spec.profile);
+  if (!p) throw new AnalysisError('bad-profile', `policy ${spec.name}: unknown guest OS profile ${spec.profile}`);
+  return p.bootDone;
 }

@@ -53,7 +53,16 @@ export interface GuestOsProfileJson {
   protectedData: string[];
   modules: { base: string; size: string };
   banner: { symbol: string; text: string };
+  /**
+   * When the kernel's boot counts as done, per vCPU (docs/profiles.md): a write to a system-call MSR whose old
+   * value is `syscallMsrUnsetValue` is the kernel initialising it (boot not done on that vCPU); a descriptor-table
+   * load from a RIP below `firmwareRipBelow` is firmware or a boot loader. Optional: absent = these defaults.
+   */
+  bootDone?: { syscallMsrUnsetValue: string; firmwareRipBelow: string };
 }
+
+/** Defaults of `bootDone` (x86-64 Linux: the MSRs reset to 0; firmware and real-mode loaders live below 1 MiB). */
+export const DEFAULT_BOOT_DONE = { syscallMsrUnsetValue: 0n, firmwareRipBelow: 0x100000n } as const;
 
 /** The profile, parsed. */
 export interface GuestOsProfile {
@@ -72,6 +81,8 @@ export interface GuestOsProfile {
   readonly protectedData: readonly string[];
   readonly modules: { readonly base: bigint; readonly size: bigint };
   readonly banner: { readonly symbol: string; readonly text: string };
+  /** The boot-done condition (see GuestOsProfileJson.bootDone). */
+  readonly bootDone: { readonly syscallMsrUnsetValue: bigint; readonly firmwareRipBelow: bigint };
   /** Offset of a symbol from `_text` (throws for an unknown one). */
   offsetOf(symbol: string): bigint;
 }
@@ -108,6 +119,7 @@ export function buildLinuxSimProfile(): GuestOsProfileJson {
     protectedData: ['sim_protected_data'],
     modules: { base: hex(MODULES_VADDR), size: hex(MODULES_SIZE) },
     banner: { symbol: 'linux_banner', text: LINUX_BANNER },
+    bootDone: { syscallMsrUnsetValue: hex(DEFAULT_BOOT_DONE.syscallMsrUnsetValue), firmwareRipBelow: hex(DEFAULT_BOOT_DONE.firmwareRipBelow) },
   };
 }
 
@@ -153,6 +165,9 @@ export function parseGuestOsProfile(json: unknown): GuestOsProfile {
     protectedData: [...need('protectedData')],
     modules: { base: big(need('modules').base, 'modules.base'), size: big(need('modules').size, 'modules.size') },
     banner: need('banner'),
+    bootDone: j.bootDone === undefined
+      ? DEFAULT_BOOT_DONE
+      : { syscallMsrUnsetValue: big(j.bootDone.syscallMsrUnsetValue, 'bootDone.syscallMsrUnsetValue'), firmwareRipBelow: big(j.bootDone.firmwareRipBelow, 'bootDone.firmwareRipBelow') },
     offsetOf(symbol: string): bigint {
       const s = symbols.get(symbol);
       if (!s) throw new SimError('bad-guest-profile', `guest OS profile ${j.name}: no symbol ${JSON.stringify(symbol)}`);
