@@ -78,7 +78,7 @@ describe.each(VALUES_FILES)('values %s', (valuesFile) => {
     }
   });
 
-  it('host agent: DaemonSet on every node, host socket dir only, host id from the downward API', () => {
+  it('host agent: DaemonSet on every node, host socket and state dirs only, host id from the downward API', () => {
     const objects = render(valuesFile);
     const ds = one(objects, 'DaemonSet', names.hostAgent);
     const pod = ds.spec.template.spec;
@@ -86,8 +86,12 @@ describe.each(VALUES_FILES)('values %s', (valuesFile) => {
     expect(ds.spec.updateStrategy.type).toBe('RollingUpdate');
     expect(pod.terminationGracePeriodSeconds).toBeGreaterThanOrEqual(10);
     const hostPaths = pod.volumes.filter((v: any) => v.hostPath);
-    expect(hostPaths).toHaveLength(1);
-    expect(hostPaths[0].hostPath.path).toMatch(/^\/run\//);
+    expect(hostPaths.map((v: any) => v.name).sort()).toEqual(['sockets', 'state']);
+    expect(hostPaths.find((v: any) => v.name === 'sockets').hostPath.path).toMatch(/^\/run\//);
+    // Persistent across agent restarts and reboots (the planted-bytes record must outlive a kill -9): not tmpfs /run.
+    const state = hostPaths.find((v: any) => v.name === 'state').hostPath;
+    expect(state.path).toMatch(/^\/var\/lib\//);
+    expect(state.type).toBe(pod.initContainers?.length ? 'DirectoryOrCreate' : 'Directory');
     const agent = pod.containers.find((c: any) => c.name === 'host-agent');
     const hostId = agent.env.find((e: any) => e.name === 'PERISCOPE_HOST_ID');
     expect(hostId.valueFrom.fieldRef.fieldPath).toBe('spec.nodeName');
@@ -165,6 +169,15 @@ describe('chart guards', () => {
   });
   it('refuses an unknown socketDirSetup', () => {
     expect(() => render('default-values.yaml', ['--set', 'hostAgent.socketDirSetup=chmod777'])).toThrow(/socketDirSetup/);
+  });
+  it('hostAgent.stateDir: a relative path or the socket directory is refused; empty drops --state-dir and its volume', () => {
+    expect(() => render('default-values.yaml', ['--set', 'hostAgent.stateDir=var/lib/x'])).toThrow(/stateDir must be an absolute/);
+    expect(() => render('default-values.yaml', ['--set', 'hostAgent.stateDir=/run/periscope'])).toThrow(/stateDir must not be the socket directory/);
+    const ds = one(render('default-values.yaml', ['--set', 'hostAgent.stateDir=']), 'DaemonSet', names.hostAgent);
+    const pod = ds.spec.template.spec;
+    expect(pod.volumes.filter((v: any) => v.hostPath).map((v: any) => v.name)).toEqual(['sockets']);
+    expect(pod.containers[0].args.some((a: string) => a.startsWith('--state-dir'))).toBe(false);
+    expect(pod.initContainers[0].command.at(-1)).toBe('');
   });
   it('digest-pins the evaluation PostgreSQL image', () => {
     const pg = find(render('minimal-values.yaml'), 'StatefulSet')[0]!;

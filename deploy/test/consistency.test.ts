@@ -105,7 +105,7 @@ describe.each(VALUES_FILES)('values %s', (valuesFile) => {
     expect(cfg.sources['host-id']).toEqual({ kind: 'env', variable: 'PERISCOPE_HOST_ID' });
 
     // Every socket lives in the hostPath directory QEMU sees, under the same path inside and outside.
-    const hostDir = pod.volumes.find((x: any) => x.hostPath).hostPath.path;
+    const hostDir = pod.volumes.find((x: any) => x.name === 'sockets').hostPath.path;
     const sockets = [...v['kvmi-listen'], v['api-listen'], v['heki-listen']].filter((a): a is string => a !== undefined).map(unixPath);
     expect(sockets.length).toBeGreaterThanOrEqual(2);
     for (const s of sockets) {
@@ -117,8 +117,17 @@ describe.each(VALUES_FILES)('values %s', (valuesFile) => {
     // Socket group = the pod's supplemental group (the agent may chgrp only to a group it is in).
     expect(v['socket-group']).toBeDefined();
     expect(pod.securityContext.supplementalGroups).toContain(v['socket-group']);
+    // State that survives restarts (--state-dir: spool, paused VMs, planted breakpoint bytes): its own hostPath,
+    // mounted at the same path, not the socket directory; prepared by the init container.
+    const stateDir = v['state-dir'];
+    expect(stateDir, 'the DaemonSet passes --state-dir').toBeDefined();
+    const state = volumeFor(pod, c, stateDir!);
+    expect(state?.volume?.hostPath?.path).toBe(stateDir);
+    expect(state.mount.mountPath).toBe(stateDir);
+    expect(state.mount.readOnly ?? false).toBe(false);
+    expect(stateDir).not.toBe(hostDir);
     const init = (pod.initContainers ?? []).find((x: any) => x.name === 'socket-dir');
-    if (init) expect(init.command.slice(-2)).toEqual([hostDir, String(v['socket-group'])]);
+    if (init) expect(init.command.slice(-3)).toEqual([hostDir, String(v['socket-group']), stateDir]);
 
     // Metrics: bound to the pod IP on the port the probes and the metrics Service use.
     const metricsPort = portOf(v['metrics-listen']!);

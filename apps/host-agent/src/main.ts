@@ -18,7 +18,7 @@ export const hostAgentSchema = defineSchema({
       description:
         'analysis service HOST:PORT: the agent dials out and keeps one gRPC stream (mTLS with --tls-*); several replicas: comma-separated or repeated, tried in order, the next one on every reconnect (a dead replica\'s agents move to the others); without it the agent runs standalone on its local rules',
     },
-    'state-dir': { kind: 'path', description: 'directory for state that must survive restarts: the detection spool (spool/) and VMs paused by analysis (paused.json); without it both are kept in memory only' },
+    'state-dir': { kind: 'path', description: 'directory for state that must survive restarts: the detection spool (spool/), VMs paused by analysis (paused.json) and the bytes analysis wrote into guests (planted.json: breakpoint INT3s, restored at re-attach after a kill -9); without it all are kept in memory only' },
     'allow-command': {
       kind: 'list',
       description: `let analysis run a dangerous operation on this host (repeat, or comma-separated): ${ALLOW_COMMAND_KEYS.join(', ')}; refused (REFUSED_BY_AGENT_POLICY) by default`,
@@ -126,7 +126,7 @@ export async function runHostAgent(argv: string[]): Promise<number> {
       maxHeldEvents: v['max-held-events'],
       backoff: { maxMs: v['link-backoff-max'] },
     };
-    if (!v['state-dir']) log('warn', 'no --state-dir: spooled detections and analysis pauses are kept in memory only (lost on restart)');
+    if (!v['state-dir']) log('warn', 'no --state-dir: spooled detections, analysis pauses and planted breakpoint bytes are kept in memory only (lost on restart)');
     log('info', 'analysis link configured', { analysis: v.analysis, fleetMode: cfg.fleetMode, allowCommands: v['allow-command'] });
   } else if (v['allow-command'].length > 0) {
     log('warn', '--allow-command without --analysis has no effect');

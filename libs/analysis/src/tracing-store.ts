@@ -71,6 +71,21 @@ function traceOf(r: Row): TraceRow {
   };
 }
 
+/**
+ * `trace_hits.event_seq` keys a hit together with the VM and session generation (the UNIQUE constraint that
+ * stores a re-delivered event once). The agent's session generation and the KVMI seq both start again at 1 when
+ * the agent process restarts (kill -9, upgrade), so (VM, generation, seq) alone would collide with hits of the
+ * earlier process and drop the new ones. The column therefore holds the KVMI seq in its low 32 bits and the
+ * agent's receive time of the event (ms, modulo 2^31, ~24.8 days) above it: a re-delivered event carries the
+ * same receive time, a new process's event does not. (Schema-free; a later migration can key on hit_ns instead.)
+ */
+const SEQ_BITS = 32n;
+const SEQ_MASK = (1n << SEQ_BITS) - 1n;
+const RECEIVED_MS_MOD = 1n << 31n;
+function storedEventSeq(seq: number, hitNs: bigint): bigint {
+  return ((hitNs / 1_000_000n) % RECEIVED_MS_MOD << SEQ_BITS) | (BigInt(seq) & SEQ_MASK);
+}
+
 function hitOf(r: Row): TraceHit {
   return {
     hitId: big(r['hit_id']),
@@ -78,7 +93,7 @@ function hitOf(r: Row): TraceHit {
     vmUuid: r['vm_uuid'] as string,
     function: r['function'] as string,
     sessionGeneration: big(r['session_generation']),
-    eventSeq: Number(r['event_seq']),
+    eventSeq: Number(big(r['event_seq']) & SEQ_MASK),
     vcpu: Number(r['vcpu']),
     rip: BigInt(r['rip'] as string),
     args: (r['args'] as string[]).map((a) => BigInt(a)),
@@ -150,7 +165,7 @@ export class TraceStore {
   async addHit(h: Omit<TraceHit, 'hitId'>): Promise<void> {
     await this.db.query(
       `INSERT INTO trace_hits (trace_id, vm_uuid, function, session_generation, event_seq, vcpu, rip, args, hit_ns) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING`,
-      [h.traceId, h.vmUuid, h.function, h.sessionGeneration, h.eventSeq, h.vcpu, hex(h.rip), JSON.stringify(h.args.map(hex)), h.hitNs],
+      [h.traceId, h.vmUuid, h.function, h.sessionGeneration, storedEventSeq(h.eventSeq, h.hitNs), h.vcpu, hex(h.rip), JSON.stringify(h.args.map(hex)), h.hitNs],
     );
   }
 

@@ -5,12 +5,12 @@
 import { startHealthServer, type HealthServer } from '@periscope/contracts';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { existsSync, unlinkSync } from 'node:fs';
-import { events } from '@periscope/kvmi';
+import { events, type EventKey } from '@periscope/kvmi';
 import { deriveInterception, type Policy } from '@periscope/verdicts';
 import type { CookieLookup } from './cookies.js';
 import { KvmiListener, type Log } from './kvmi-listener.js';
 import { Registry, STALL_BUCKETS } from './metrics.js';
-import { planFromPolicy, policyDecider } from './policy-decider.js';
+import { planFromPolicy, policyDecider, policyNeedsEvent } from './policy-decider.js';
 import type { VmConnection } from './vm-connection.js';
 import { HekiSink, type HekiPolicy } from './heki/sink.js';
 import { vmsWithHeki, vmWithHeki } from './heki/api.js';
@@ -41,6 +41,7 @@ export interface HostAgentOptions {
 
 const EVENT_NAME = new Map<number, string>(Object.values(events).map((e) => [e.id, e.key]));
 const ACTION_NAME = ['CONTINUE', 'RETRY', 'CRASH'];
+const INT3 = 0xcc;
 
 export class HostAgent {
   readonly registry = new Registry();
@@ -133,7 +134,10 @@ export class HostAgent {
       this.listener.setPlan(plan);
       // Settles when every attached VM has the new interception (the install reports ACTIVE after it).
       return Promise.all(
-        [...this.listener.vms.values()].map((vm) => vm.extendPlan(plan).catch((e: unknown) => opts.log('warn', `extending interception for the new policy failed: ${(e as Error).message}`, { vm: vm.uuid }))),
+        [...this.listener.vms.values()].map((vm) =>
+          // BREAKPOINT only where a rule is about this VM's breakpoints (the traced VMs), not the whole host.
+          vm.extendPlan(policyNeedsEvent(compiled.policy, 'BREAKPOINT', vm.uuid) ? plan : { ...plan, vcpuEvents: plan.vcpuEvents.filter((e) => e !== 'BREAKPOINT') }, () => this.retractableEvents(vm)).catch((e: unknown) => opts.log('warn', `changing interception for the new policy failed: ${(e as Error).message}`, { vm: vm.uuid })),
+        ),
       );
     };
     const c = this.listener.counters;
@@ -145,6 +149,19 @@ export class HostAgent {
     r.gauge('periscope_agent_held_events', 'vCPUs currently waiting for a decision').track(() => [...this.listener.vms.values()].reduce((n, vm) => n + vm.heldCount, 0));
     r.gauge('periscope_agent_policy_version', 'version of the active local policy').track(() => Number(this.policies.current.policy.version));
     if (link) this.linkMetrics(link);
+  }
+
+  /**
+   * Interception a VM no longer needs, asked when its plan change runs: BREAKPOINT once the active local policy
+   * has no rule for this VM's breakpoints (its last trace stopped) — but never while an INT3 analysis planted is
+   * in the guest (a policy without the tracing rules can arrive first after a failover: that INT3 must still
+   * exit, to be failed open here, never reach the guest as #BP). SINGLESTEP is not an interception (analysis
+   * turns it on and off per step), and the rest stays as it was.
+   */
+  private retractableEvents(vm: VmConnection): EventKey[] {
+    if (policyNeedsEvent(this.policies.current.policy, 'BREAKPOINT', vm.uuid)) return [];
+    for (const b of vm.rememberedBytes().values()) if (b.written === INT3) return [];
+    return ['BREAKPOINT'];
   }
 
   private linkMetrics(link: LinkRuntime): void {

@@ -8,7 +8,7 @@
  * down, the rule applies its default action at once.
  */
 import { EventAction, events, structs, type VcpuEventView } from '@periscope/kvmi';
-import { Evaluator, type CompiledPolicy, type Verdict } from '@periscope/verdicts';
+import { Evaluator, type CompiledPolicy, type Policy, type VcpuEventKind, type Verdict } from '@periscope/verdicts';
 import type { Decide, EventDecision, ProtectionPlan } from './vm-connection.js';
 import type { VmConnection } from './vm-connection.js';
 
@@ -66,4 +66,21 @@ export function policyDecider(policy: CompiledPolicy | PolicySource, observe?: V
 export function planFromPolicy(interception: { events: readonly string[]; crs: readonly number[]; msrs: readonly number[] }, pageAccess: ProtectionPlan['pageAccess'] = []): ProtectionPlan {
   const vcpuEvents = interception.events.filter((e): e is ProtectionPlan['vcpuEvents'][number] => e in events);
   return { vcpuEvents, crs: [...interception.crs], msrs: [...interception.msrs], pageAccess };
+}
+
+/**
+ * Whether `policy` needs exits of `kind` from the VM `vmUuid`: a default action for the kind is not allow, or a
+ * rule about the kind applies to this VM (no `vms`, or the VM listed). The interception section is host-wide:
+ * when rules about the kind exist they say which VMs need it (analysis derives the section from its rules, and
+ * breakpoint tracing's rules list the traced VMs); a kind the section names without any rule about it is
+ * needed everywhere. Used to keep BREAKPOINT interception to traced VMs and turn it off once a VM's last trace
+ * stopped (host-agent.ts).
+ */
+export function policyNeedsEvent(policy: Policy, kind: VcpuEventKind, vmUuid: string): boolean {
+  const byDefault = policy.defaultActions?.[kind];
+  if (byDefault && byDefault.kind !== 'allow') return true;
+  const uuid = vmUuid.toLowerCase();
+  const about = policy.rules.filter((r) => r.match.kind === kind);
+  if (about.some((r) => !r.match.vms?.length || r.match.vms.some((v) => v.toLowerCase() === uuid))) return true;
+  return about.length === 0 && (policy.interception?.events.includes(kind) ?? false);
 }

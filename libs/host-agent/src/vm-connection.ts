@@ -125,6 +125,8 @@ export class VmConnection {
   /** Called after the remembered bytes changed (the link persists them per VM UUID). */
   onRememberedChange: ((vm: VmConnection) => void) | undefined;
   private readonly restricted = new Set<bigint>();
+  /** Serialises `extendPlan` steps. */
+  private planChain: Promise<unknown> = Promise.resolve();
   private readonly enabled = new Map<number, { events: Set<EventKey>; crs: Set<number>; msrs: Set<number> }>();
   private detaching: Promise<void> | undefined;
   private readonly pendingVcpus = new Set<number>();
@@ -212,18 +214,47 @@ export class VmConnection {
     }
   }
 
-  /** Extend the protection plan (a newly installed policy needs more interception); never removes. */
-  async extendPlan(plan: ProtectionPlan): Promise<void> {
-    const cur = this.opts.plan;
-    const merged: ProtectionPlan = {
-      vcpuEvents: [...new Set([...cur.vcpuEvents, ...plan.vcpuEvents])],
-      crs: [...new Set([...cur.crs, ...plan.crs])],
-      msrs: [...new Set([...cur.msrs, ...plan.msrs])],
-      pageAccess: cur.pageAccess,
+  /**
+   * Extend the protection plan (a newly installed policy needs more interception), then turn off the vCPU
+   * events `retractable` names — asked when this step runs, so that it sees the guest as it is then (e.g. no
+   * INT3 of analysis left: host-agent.ts). CRs, MSRs and page restrictions are never removed here. Plan changes
+   * of one VM run one after the other: a later install that needs an event again re-enables it after an
+   * earlier one turned it off, never before.
+   */
+  extendPlan(plan: ProtectionPlan, retractable?: () => readonly EventKey[]): Promise<void> {
+    const run = async (): Promise<void> => {
+      const cur = this.opts.plan;
+      const merged: ProtectionPlan = {
+        vcpuEvents: [...new Set([...cur.vcpuEvents, ...plan.vcpuEvents])],
+        crs: [...new Set([...cur.crs, ...plan.crs])],
+        msrs: [...new Set([...cur.msrs, ...plan.msrs])],
+        pageAccess: cur.pageAccess,
+      };
+      this.opts.plan = merged;
+      if (!this.info || this.detaching || this.session.isClosed) return;
+      for (let vcpu = 0; vcpu < this.info.vcpuCount; vcpu++) if (!this.pendingVcpus.has(vcpu)) await this.protectVcpu(vcpu);
+      if (retractable) await this.retractEvents(retractable());
     };
-    this.opts.plan = merged;
-    if (!this.info || this.detaching || this.session.isClosed) return;
-    for (let vcpu = 0; vcpu < this.info.vcpuCount; vcpu++) if (!this.pendingVcpus.has(vcpu)) await this.protectVcpu(vcpu);
+    const p = this.planChain.then(run, run);
+    this.planChain = p.catch(() => undefined);
+    return p;
+  }
+
+  /** Turn vCPU events off on every vCPU (VCPU_CONTROL_EVENTS enable=0) and drop them from the plan. */
+  private async retractEvents(keys: readonly EventKey[]): Promise<void> {
+    const drop = new Set(keys.filter((k) => events[k].enable === 'vcpu-control-events'));
+    if (!drop.size) return;
+    this.opts.plan = { ...this.opts.plan, vcpuEvents: this.opts.plan.vcpuEvents.filter((e) => !drop.has(e)) };
+    const off = new Set<EventKey>();
+    for (const [vcpu, st] of this.enabled) {
+      for (const ev of drop) {
+        if (!st.events.has(ev) || this.detaching || this.session.isClosed) continue;
+        await this.session.request('VCPU_CONTROL_EVENTS', { vcpu, event_id: events[ev].id, enable: 0 });
+        st.events.delete(ev);
+        off.add(ev);
+      }
+    }
+    if (off.size) this.opts.log('info', `interception turned off (the local policy no longer needs it): ${[...off].join(', ')}`, { vm: this.uuid });
   }
 
   /** The attach sequence. Resolves with the VM's info; rejects (and closes) if the VM cannot be used. */

@@ -44,6 +44,11 @@ describe('agent link: stream', () => {
     const dir = tempDir();
     const sock = join(dir, 'k.sock');
     const h = await startAgent({ socketPath: sock, peer, link: { reportQueueSize: 200, batchMax: 50 }, policy: testPolicy({ defaultReport: 'always' }) });
+    // The event-loop lag is measured over the same window as the simulator's maxReplyWaitMs (from the VM's
+    // start), so the bound below compares like with like.
+    const { monitorEventLoopDelay } = await import('node:perf_hooks');
+    const loop = monitorEventLoopDelay({ resolution: 5 });
+    loop.enable();
     const { vm } = await startVm(sock, { vcpus: 4, seed: 3 });
     await protectedVm(h, vm);
     await peer.waitFor(() => peer.vmAttached().length === 1);
@@ -59,9 +64,6 @@ describe('agent link: stream', () => {
     // Phase 2, slow consumer: the peer stops reading for 2 s after each message, until the agent's
     // HTTP/2 window fills and its bounded queue overflows.
     peer.slow(2000);
-    const { monitorEventLoopDelay } = await import('node:perf_hooks');
-    const loop = monitorEventLoopDelay({ resolution: 5 });
-    loop.enable();
     let N = 0;
     const dropped = () => metric(h, 'periscope_agent_reports_dropped_total');
     await Promise.all(
