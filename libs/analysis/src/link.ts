@@ -118,6 +118,12 @@ export class AgentSession {
   private outSeq = 0n;
   private inSeqProcessed = 0n;
   private chain: Promise<void> = Promise.resolve();
+  /**
+   * Detections are stored (a database transaction each) in stream order on a chain of their own: on the message
+   * chain a detection storm — the agent's spool resent after a reconnect — delayed held events and command
+   * results behind it past their deadlines (breakpoint tracing's steps then failed open).
+   */
+  private detections: Promise<void> = Promise.resolve();
   private readonly pending = new Map<bigint, { resolve: (r: CommandResult) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }>();
   private readonly keepaliveTimer: NodeJS.Timeout;
   readonly connectedNs = nowNs();
@@ -142,9 +148,15 @@ export class AgentSession {
     this.keepaliveTimer.unref();
   }
 
-  /** Resolves once every message received so far has been handled. */
+  /** Resolves once every message received so far has been handled (detections may still be being stored: `drained`). */
   idle(): Promise<void> {
     return this.chain;
+  }
+
+  /** Resolves once every message received so far has been handled and every detection among them stored (or left to retry). */
+  async drained(): Promise<void> {
+    await this.chain;
+    await this.detections;
   }
 
   send(message: ResponseBody): void {
@@ -243,9 +255,13 @@ export class AgentSession {
       case 'verdictBatch':
         this.h.onVerdicts(this, m.value);
         break;
-      case 'detection':
-        await this.h.onDetection(this, m.value);
+      case 'detection': {
+        const d = m.value;
+        this.detections = this.detections.then(() => this.h.onDetection(this, d)).catch((e: unknown) => {
+          this.h.log('error', 'link message failed', { host: this.hostId, error: (e as Error).message });
+        });
         break;
+      }
       case 'commandResult': {
         const p = this.pending.get(m.value.correlationId);
         if (p) {
@@ -260,6 +276,8 @@ export class AgentSession {
       case 'keepalive':
         break;
       default:
+        // Heki messages are correlated with CR detections of the same incident (heki.ts): after the detections before them.
+        if (m.$case.startsWith('heki')) await this.detections;
         await this.h.onMisc(this, m);
     }
     if (req.streamSeq > this.inSeqProcessed) this.inSeqProcessed = req.streamSeq;
@@ -280,6 +298,7 @@ export class AgentSession {
       /* already ended */
     }
     await this.chain.catch(() => undefined);
+    await this.detections;
     await this.h.onClosed(this);
   }
 }

@@ -772,7 +772,7 @@ export class Analysis implements LinkHandler {
   /** Resolves when every link message received so far is handled and module work has finished (tests). */
   async settled(): Promise<void> {
     for (let i = 0; i < 50; i++) {
-      await Promise.all([...this.sessions.values()].map((s) => s.idle()));
+      await Promise.all([...this.sessions.values()].map((s) => s.drained()));
       await Promise.allSettled([...this.jobs]);
       await Promise.all([...this.pushChains.values()]);
       if (!this.jobs.size && !this.pushTimers.size) return;

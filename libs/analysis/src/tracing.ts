@@ -478,7 +478,14 @@ export class Tracing {
       await this.verify(st, 're-establish');
       this.ensureVerifier(st);
       this.host.log('info', 'traces re-established', { vm: vm.name, traces: [...st.traces.keys()] });
-    }).catch((e: unknown) => this.host.log('warn', 'traces not re-established', { vm: vm.name, error: (e as Error).message }));
+    }).catch((e: unknown) => {
+      // E.g. a command timed out (analysis or the agent overloaded): nothing else would plant again while the VM
+      // stays attached (no hit, no verdict record, the periodic check starts only after a re-establish), so retry.
+      this.host.log('warn', 'traces not re-established; retrying', { vm: vm.name, error: (e as Error).message, retryMs: VERIFY_INTERVAL_MS });
+      setTimeout(() => {
+        if (!this.stopped && !vm.session.closed && this.host.liveVms.get(vm.uuid) === vm) this.host.track(this.reestablish(vm));
+      }, VERIFY_INTERVAL_MS).unref();
+    });
   }
 
   /** Every trace's byte: 0xCC = planted, the original = plant it, anything else = the code changed. */

@@ -3,7 +3,7 @@
  * it and restart it: the same command line an operator runs.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, readFileSync, rmSync } from 'node:fs';
+import { createWriteStream, existsSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 
 export interface AgentProcessOptions {
@@ -13,6 +13,12 @@ export interface AgentProcessOptions {
   readonly hostId?: string;
   readonly logLevel?: 'debug' | 'info' | 'warn' | 'error';
   readonly extraArgs?: readonly string[];
+  /** Node options before the script (e.g. `--import` of a probe). */
+  readonly nodeArgs?: readonly string[];
+  /** Extra environment variables for the process. */
+  readonly env?: Readonly<Record<string, string>>;
+  /** Also append everything the process writes on stderr to this file (every start). */
+  readonly stderrFile?: string;
 }
 
 export class AgentProcess {
@@ -45,6 +51,7 @@ export class AgentProcess {
     const child = spawn(
       process.execPath,
       [
+        ...(this.opts.nodeArgs ?? []),
         join(this.opts.repoRoot, 'bin/periscope'),
         'host-agent',
         '--kvmi-listen',
@@ -57,10 +64,11 @@ export class AgentProcess {
         this.opts.hostId ?? 'reliability',
         ...(this.opts.extraArgs ?? []),
       ],
-      { stdio: ['ignore', 'ignore', 'pipe'] },
+      { stdio: ['ignore', 'ignore', 'pipe'], ...(this.opts.env ? { env: { ...process.env, ...this.opts.env } } : {}) },
     );
     this.child = child;
     child.stderr!.on('data', (d: Buffer) => (this.stderr = (this.stderr + d.toString()).slice(-4000)));
+    if (this.opts.stderrFile) child.stderr!.pipe(createWriteStream(this.opts.stderrFile, { flags: 'a' }));
     child.on('exit', (code) => {
       this.exited_ = true;
       this.exitCode_ = code;

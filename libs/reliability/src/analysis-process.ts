@@ -3,6 +3,7 @@
  * with SIGKILL and start it again on the same addresses and database: the command line an operator runs.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { createWriteStream } from 'node:fs';
 import { join } from 'node:path';
 
 export interface AnalysisProcessOptions {
@@ -14,6 +15,12 @@ export interface AnalysisProcessOptions {
   readonly http: string;
   readonly policyDir?: string;
   readonly extraArgs?: readonly string[];
+  /** Node options before the script (e.g. `--import` of a probe). */
+  readonly nodeArgs?: readonly string[];
+  /** Extra environment variables for the process. */
+  readonly env?: Readonly<Record<string, string>>;
+  /** Also append everything the process writes on stderr to this file (every start). */
+  readonly stderrFile?: string;
 }
 
 export class AnalysisProcess {
@@ -48,6 +55,7 @@ export class AnalysisProcess {
     this.exitCode_ = null;
     this.starts++;
     const args = [
+      ...(this.opts.nodeArgs ?? []),
       join(this.opts.repoRoot, 'bin/periscope'),
       'analysis',
       '--db', this.opts.db,
@@ -57,11 +65,12 @@ export class AnalysisProcess {
       ...(this.opts.policyDir ? ['--policy', this.opts.policyDir] : []),
       ...(this.opts.extraArgs ?? []),
     ];
-    const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'], ...(this.opts.env ? { env: { ...process.env, ...this.opts.env } } : {}) });
     this.child = child;
     let out = '';
     child.stdout!.on('data', (d: Buffer) => (out = (out + d.toString()).slice(-4000)));
     child.stderr!.on('data', (d: Buffer) => (this.stderr = (this.stderr + d.toString()).slice(-8000)));
+    if (this.opts.stderrFile) child.stderr!.pipe(createWriteStream(this.opts.stderrFile, { flags: 'a' }));
     child.on('exit', (code) => {
       this.exited_ = true;
       this.exitCode_ = code;

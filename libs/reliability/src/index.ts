@@ -7,6 +7,8 @@
  * - `agent-kill`: kill -9 of the agent under attack; re-attach, re-protection and the fail-open window.
  * - `private-postgres`, `attack-fleet`, `pg-restart`, `analysis-process`, `analysis-kill`: PostgreSQL restarts
  *   and kill -9 of analysis under a detection storm, checked against the agent's detection ledger.
+ * - `analysis-kill-tracing`: kill -9 of analysis with breakpoint tracing active (held events, fail-open, re-plant),
+ *   real agent and analysis processes.
  * - `stall-proxy`: a peer that stalls mid-message; `kvmmem-fuzz`: the guest agent's /dev/kvmmem path fuzzed.
  */
 export * from './mutate.js';
@@ -21,5 +23,6 @@ export * from './attack-fleet.js';
 export * from './pg-restart.js';
 export * from './analysis-process.js';
 export * from './analysis-kill.js';
+export * from './analysis-kill-tracing.js';
 export * from './stall-proxy.js';
 export * from './kvmmem-fuzz.js';

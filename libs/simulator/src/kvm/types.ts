@@ -116,6 +116,8 @@ export interface GuestEventRecord {
   ended: EventEnd;
   /** RIP in the event (the instruction that exited). */
   rip: bigint;
+  /** How long the vCPU waited for the reply, ms (absent when the event could not be sent). */
+  waitedMs?: number;
   /** The event-specific data sent (PF gva/gpa/access, CR cr/old/new, ...). */
   data?: Record<string, unknown>;
 }

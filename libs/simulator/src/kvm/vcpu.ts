@@ -872,6 +872,7 @@ export class SimVcpu {
     }
     const rip = this.cpu.regs.rip;
     let seq = 0;
+    let waitedMs: number | undefined;
     let outcome: EventOutcome;
     if (!intro || !hook || intro.hook !== hook || !hook.alive) {
       outcome = { kind: 'send-failed' };
@@ -894,13 +895,14 @@ export class SimVcpu {
         } else this.vm.stats.eventsSent++;
       });
       const waited = Date.now() - since;
+      waitedMs = waited;
       if (waited > this.vm.stats.maxReplyWaitMs) this.vm.stats.maxReplyWaitMs = waited;
       if (waited > this.vm.stallThresholdMs) this.vm.stats.stalls++;
     }
     const ended = endOf(outcome);
     ctx?.events.push({ event: key, seq, ended });
     this.lastEventKey = `${key}:${data_ ? eventDataKey(data_) : ''}:${ended}`;
-    this.vm.guestEvent({ vcpu: this.index, event: key, seq, ended, rip, ...(data_ ? { data: data_ } : {}) });
+    this.vm.guestEvent({ vcpu: this.index, event: key, seq, ended, rip, ...(waitedMs !== undefined ? { waitedMs } : {}), ...(data_ ? { data: data_ } : {}) });
     return outcome;
   }
 
