@@ -13,36 +13,20 @@
  *  - the guest never took #BP and every call returned having copied its bytes (`taggedCalls`).
  * Without PostgreSQL (and without PERISCOPE_TEST_POSTGRES) it is skipped with a message.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { HostAgent, parseCookies } from '@periscope/host-agent';
 import { callTaggedCopy, SimQemu, SimVm, type TaggedCall } from '@periscope/simulator';
 import { parsePolicy } from '@periscope/verdicts';
-import { DB_VARIANTS, http, PG_DSN, POLICY_ALL, until } from './support.js';
+import { DB_VARIANTS, http, PG_DSN, POLICY_ALL, postgresAnswers, startReplicaProcess, until, type ReplicaProcess } from './support.js';
 
-const root = join(dirname(fileURLToPath(import.meta.url)), '../../..');
-const bin = join(root, 'bin/periscope');
 const BOOTSTRAP = parsePolicy({ id: 'bootstrap', version: 1, rules: [] });
 const FN = 'sim_copy_tagged';
 const INT3 = 0xcc;
 
-async function postgresAnswers(): Promise<boolean> {
-  const c = new pg.Client({ connectionString: PG_DSN, connectionTimeoutMillis: 2000 });
-  try {
-    await c.connect();
-    await c.query('select 1');
-    return true;
-  } catch {
-    return false;
-  } finally {
-    await c.end().catch(() => undefined);
-  }
-}
 
 const PG_UP = await postgresAnswers();
 if (!PG_UP) {
@@ -50,30 +34,7 @@ if (!PG_UP) {
   console.warn(`SKIPPED: replica failover with a trace needs PostgreSQL; nothing answers at ${PG_DSN} (set PERISCOPE_TEST_POSTGRES)`);
 }
 
-interface ReplicaProcess {
-  readonly id: string;
-  readonly child: ChildProcess;
-  readonly grpc: string;
-  readonly http: string;
-  stderr: string;
-}
 
-/** `periscope analysis` as a real process on the shared database. */
-async function startReplica(id: string, dbUrl: string, policyDir: string): Promise<ReplicaProcess> {
-  const child = spawn(
-    process.execPath,
-    [bin, 'analysis', '--db', dbUrl, '--listen', '127.0.0.1:0', '--http', '127.0.0.1:0', '--replica-id', id, '--policy', policyDir, '--log-level', 'warn'],
-    { stdio: ['ignore', 'pipe', 'pipe'] },
-  );
-  let stdout = '';
-  const p: { stderr: string } = { stderr: '' };
-  child.stderr!.on('data', (c: Buffer) => (p.stderr = (p.stderr + c.toString()).slice(-20_000)));
-  child.stdout!.on('data', (c: Buffer) => (stdout += c.toString()));
-  await until(() => stdout.includes('\n') || child.exitCode !== null, 60_000, `replica ${id} started`);
-  if (child.exitCode !== null) throw new Error(`replica ${id} exited ${child.exitCode}: ${p.stderr}`);
-  const info = JSON.parse(stdout.split('\n')[0]!) as { grpc: string; http: string; replica: string };
-  return Object.assign(p, { id, child, grpc: info.grpc, http: info.http });
-}
 
 interface Hit {
   id: string;
@@ -122,9 +83,9 @@ describe.skipIf(!PG_UP)('replica failover with an active trace (real replica pro
 
   it('killed replicas mid-trace: the agent moves on, the next replica re-establishes the trace once; hits resume, each call once; the guest never takes #BP', async () => {
     // Three replicas; the agent lists B, A, C: the VM is owned by B, moves to A when B dies, then to C when A dies.
-    const ra = await startReplica('replica-a', db.url, dir);
-    const rb = await startReplica('replica-b', db.url, dir);
-    const rc = await startReplica('replica-c', db.url, dir);
+    const ra = await startReplicaProcess('replica-a', db.url, dir);
+    const rb = await startReplicaProcess('replica-b', db.url, dir);
+    const rc = await startReplicaProcess('replica-c', db.url, dir);
     replicas.push(ra, rb, rc);
     const stateDir = join(dir, 'state');
     const sock = join(dir, 'kvmi.sock');

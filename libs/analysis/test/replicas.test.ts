@@ -9,8 +9,7 @@
  *    every detection id ends up with exactly one alert, page restrictions are not sent again.
  * Without PostgreSQL (and without PERISCOPE_TEST_POSTGRES) the PostgreSQL parts are skipped with a message.
  */
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
+import { spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { get as httpGet, type IncomingMessage } from 'node:http';
 import { tmpdir } from 'node:os';
@@ -25,11 +24,10 @@ import { parseScenario, runScenario, SimQemu, SimVm } from '@periscope/simulator
 import { parsePolicy } from '@periscope/verdicts';
 import { Analysis, AnalysisError, isAnalysisError } from '../src/index.js';
 import { PGLITE_LOCK_FILE } from '../src/pglite-lock.js';
-import { http, POLICY_ALL, until } from './support.js';
+import { freshPostgresDatabase, http, PG_DSN, POLICY_ALL, postgresAnswers, startReplicaProcess, until, type ReplicaProcess } from './support.js';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '../../..');
 const bin = join(root, 'bin/periscope');
-const PG_DSN = process.env['PERISCOPE_TEST_POSTGRES'] || 'postgres://postgres@127.0.0.1:5432/postgres';
 const BOOTSTRAP = parsePolicy({ id: 'bootstrap', version: 1, rules: [] });
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
@@ -46,18 +44,6 @@ expect:
     - { reg: msr:LSTAR, equals: sym:entry_SYSCALL_64 }
 `);
 
-async function postgresAnswers(): Promise<boolean> {
-  const c = new pg.Client({ connectionString: PG_DSN, connectionTimeoutMillis: 2000 });
-  try {
-    await c.connect();
-    await c.query('select 1');
-    return true;
-  } catch {
-    return false;
-  } finally {
-    await c.end().catch(() => undefined);
-  }
-}
 
 const PG_UP = await postgresAnswers();
 if (!PG_UP) {
@@ -65,25 +51,6 @@ if (!PG_UP) {
   console.warn(`SKIPPED: the several-replicas tests need PostgreSQL; nothing answers at ${PG_DSN} (set PERISCOPE_TEST_POSTGRES)`);
 }
 
-/** A fresh database for this run: periscope_test_<random>, dropped (FORCE) afterwards. */
-async function freshDatabase(): Promise<{ url: string; drop: () => Promise<void> }> {
-  const name = `periscope_test_${Date.now().toString(36)}_${randomBytes(4).toString('hex')}`;
-  const admin = new pg.Client({ connectionString: PG_DSN });
-  await admin.connect();
-  await admin.query(`CREATE DATABASE ${name}`);
-  await admin.end();
-  const u = new URL(PG_DSN);
-  u.pathname = `/${name}`;
-  return {
-    url: u.toString(),
-    drop: async () => {
-      const c = new pg.Client({ connectionString: PG_DSN });
-      await c.connect();
-      await c.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
-      await c.end();
-    },
-  };
-}
 
 /** One simulated host: a real host agent (its link to `analysis`, possibly a list) and one simulated VM. */
 interface SimHost {
@@ -239,7 +206,7 @@ describe.skipIf(!PG_UP)('two replicas on one PostgreSQL (in process)', () => {
   const closers: (() => void)[] = [];
 
   beforeAll(async () => {
-    db = await freshDatabase();
+    db = await freshPostgresDatabase();
     dir = mkdtempSync(join(tmpdir(), 'an-rep2-'));
     const common = { db: db.url, grpcListen: '127.0.0.1:0', httpListen: '127.0.0.1:0', keepaliveMs: 200, flushMs: 100, replicas: { heartbeatMs: 200 } };
     a = await Analysis.start({ ...common, replicaId: 'replica-a', alertsJsonl: join(dir, 'a.jsonl') });
@@ -364,30 +331,7 @@ describe.skipIf(!PG_UP)('two replicas on one PostgreSQL (in process)', () => {
 
 // ------------------------------------------------------------------------------------------------ a replica killed
 
-interface ReplicaProcess {
-  readonly id: string;
-  readonly child: ChildProcess;
-  readonly grpc: string;
-  readonly http: string;
-  stderr: string;
-}
 
-async function startReplicaProcess(id: string, dbUrl: string, policyDir: string): Promise<ReplicaProcess> {
-  const child = spawn(
-    process.execPath,
-    [bin, 'analysis', '--db', dbUrl, '--listen', '127.0.0.1:0', '--http', '127.0.0.1:0', '--replica-id', id, '--policy', policyDir, '--log-level', 'warn'],
-    { stdio: ['ignore', 'pipe', 'pipe'] },
-  );
-  let stdout = '';
-  const p: { stderr: string } = { stderr: '' };
-  child.stderr!.on('data', (c: Buffer) => (p.stderr += c.toString()));
-  child.stdout!.on('data', (c: Buffer) => (stdout += c.toString()));
-  await until(() => stdout.includes('\n') || child.exitCode !== null, 60_000, `replica ${id} started`);
-  if (child.exitCode !== null) throw new Error(`replica ${id} exited ${child.exitCode}: ${p.stderr}`);
-  const info = JSON.parse(stdout.split('\n')[0]!) as { grpc: string; http: string; replica: string };
-  expect(info.replica).toBe(id);
-  return Object.assign(p, { id, child, grpc: info.grpc, http: info.http });
-}
 
 describe.skipIf(!PG_UP)('a replica killed mid-run (real processes)', () => {
   let db: { url: string; drop: () => Promise<void> };
@@ -397,7 +341,7 @@ describe.skipIf(!PG_UP)('a replica killed mid-run (real processes)', () => {
   let q: pg.Client;
 
   beforeAll(async () => {
-    db = await freshDatabase();
+    db = await freshPostgresDatabase();
     policyDir = mkdtempSync(join(tmpdir(), 'an-rep-pol-'));
     writeFileSync(join(policyDir, 'fleet-default.yaml'), POLICY_ALL);
     q = new pg.Client({ connectionString: db.url });

@@ -2,7 +2,10 @@
  * Test support: a fresh database per test file on both drivers, a scripted agent speaking LinkRequest
  * over a real grpc-js client (a legitimate test peer of the contract), and small waiting helpers.
  */
+import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { credentials, makeGenericClientConstructor, type ClientDuplexStream } from '@grpc/grpc-js';
 import pg from 'pg';
 import {
@@ -26,7 +29,8 @@ export interface DbVariant {
 }
 
 let pgAvailable: Promise<boolean> | undefined;
-async function postgresAnswers(): Promise<boolean> {
+/** Whether the test PostgreSQL (PG_DSN) answers; asked once per test file. */
+export async function postgresAnswers(): Promise<boolean> {
   pgAvailable ??= (async () => {
     const c = new pg.Client({ connectionString: PG_DSN, connectionTimeoutMillis: 2000 });
     try {
@@ -52,24 +56,59 @@ const postgresVariant: DbVariant = {
       console.warn(`note: no PostgreSQL answers at ${PG_DSN}: the PostgreSQL variant runs on PGlite`);
       return pgliteVariant.create();
     }
-    const name = `periscope_test_${Date.now().toString(36)}_${randomBytes(4).toString('hex')}`;
-    const admin = new pg.Client({ connectionString: PG_DSN });
-    await admin.connect();
-    await admin.query(`CREATE DATABASE ${name}`);
-    await admin.end();
-    const u = new URL(PG_DSN);
-    u.pathname = `/${name}`;
-    return {
-      url: u.toString(),
-      drop: async () => {
-        const c = new pg.Client({ connectionString: PG_DSN });
-        await c.connect();
-        await c.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
-        await c.end();
-      },
-    };
+    return freshPostgresDatabase();
   },
 };
+
+/** A fresh database on the test PostgreSQL: periscope_test_<random>, dropped (FORCE) by `drop`. */
+export async function freshPostgresDatabase(): Promise<{ url: string; drop: () => Promise<void> }> {
+  const name = `periscope_test_${Date.now().toString(36)}_${randomBytes(4).toString('hex')}`;
+  const admin = new pg.Client({ connectionString: PG_DSN });
+  await admin.connect();
+  await admin.query(`CREATE DATABASE ${name}`);
+  await admin.end();
+  const u = new URL(PG_DSN);
+  u.pathname = `/${name}`;
+  return {
+    url: u.toString(),
+    drop: async () => {
+      const c = new pg.Client({ connectionString: PG_DSN });
+      await c.connect();
+      await c.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
+      await c.end();
+    },
+  };
+}
+
+/** `periscope analysis` as a real process (bin/periscope, the built tree). */
+export interface ReplicaProcess {
+  readonly id: string;
+  readonly child: ChildProcess;
+  readonly grpc: string;
+  readonly http: string;
+  /** The last 20,000 characters of its stderr. */
+  stderr: string;
+}
+
+const PERISCOPE_BIN = join(dirname(fileURLToPath(import.meta.url)), '../../../bin/periscope');
+
+/** Start an analysis replica process on `dbUrl` importing `policyDir`; resolves once it printed its addresses. */
+export async function startReplicaProcess(id: string, dbUrl: string, policyDir: string): Promise<ReplicaProcess> {
+  const child = spawn(
+    process.execPath,
+    [PERISCOPE_BIN, 'analysis', '--db', dbUrl, '--listen', '127.0.0.1:0', '--http', '127.0.0.1:0', '--replica-id', id, '--policy', policyDir, '--log-level', 'warn'],
+    { stdio: ['ignore', 'pipe', 'pipe'] },
+  );
+  let stdout = '';
+  const p: { stderr: string } = { stderr: '' };
+  child.stderr!.on('data', (c: Buffer) => (p.stderr = (p.stderr + c.toString()).slice(-20_000)));
+  child.stdout!.on('data', (c: Buffer) => (stdout += c.toString()));
+  await until(() => stdout.includes('\n') || child.exitCode !== null, 60_000, `replica ${id} started`);
+  if (child.exitCode !== null) throw new Error(`replica ${id} exited ${child.exitCode}: ${p.stderr}`);
+  const info = JSON.parse(stdout.split('\n')[0]!) as { grpc: string; http: string; replica: string };
+  if (info.replica !== id) throw new Error(`replica ${id} reports replica id ${info.replica}`);
+  return Object.assign(p, { id, child, grpc: info.grpc, http: info.http });
+}
 
 /** Empty every table (tests in one file share their database). */
 export async function resetDatabase(url: string): Promise<void> {
