@@ -61,8 +61,8 @@ const progress = (m) => process.stderr.write(`[bench] ${m}\n`);
 
 // ---- sizes ---------------------------------------------------------------------------------------------
 const SIZES = SHORT
-  ? { crRounds: 300, crVms: 4, cRounds: 2000, linkRounds: 200, tput: { vms: 8, vcpus: 4, warmup: 1, seconds: 1 }, ingest: { agents: 2, seconds: 1, detections: 20 }, memMiB: 4, guestMiB: 4, idleVms: 32, idleCpuS: 1, streams: { streams: 8, procs: 2, seconds: 2, warmup: 1, record: 1 } }
-  : { crRounds: 3000, crVms: 64, cRounds: 20000, linkRounds: 2000, tput: { vms: 64, vcpus: 4, warmup: 2, seconds: 10 }, ingest: { agents: 4, seconds: 5, detections: 200 }, memMiB: 64, guestMiB: 64, idleVms: 1024, idleCpuS: 5, streams: { streams: 100, procs: 4, seconds: 10, warmup: 2, record: 2 } };
+  ? { crRounds: 300, crVms: 4, cRounds: 2000, linkRounds: 200, link: { seconds: 2, warmup: 1 }, tput: { vms: 8, vcpus: 4, warmup: 1, seconds: 1 }, ingest: { agents: 2, seconds: 1, detections: 20 }, memMiB: 4, guestMiB: 4, idleVms: 32, idleCpuS: 1, streams: { streams: 8, procs: 2, seconds: 2, warmup: 1, record: 1 } }
+  : { crRounds: 3000, crVms: 64, cRounds: 20000, linkRounds: 2000, link: { seconds: 10, warmup: 2 }, tput: { vms: 64, vcpus: 4, warmup: 2, seconds: 10 }, ingest: { agents: 4, seconds: 5, detections: 200 }, memMiB: 64, guestMiB: 64, idleVms: 1024, idleCpuS: 5, streams: { streams: 100, procs: 4, seconds: 10, warmup: 2, record: 2 } };
 
 // ---- figure definitions (the method text goes into the results file and, shortened, into the docs) -----
 const FIGURES = [
@@ -74,12 +74,14 @@ const FIGURES = [
     method: `bench/c/pingpong.c built with the system cc -O2: two processes on a Unix socket pair; the CR event frame (8 + 552 + 24 bytes) and the 32-byte reply encoded by @periscope/kvmi; seq and new_val patched; ${SIZES.cRounds} round trips, first 10% dropped.` },
   { id: 'B1.pf-skip.agent', group: 'B1', title: 'local verdict: PF write to a protected page skipped (4 KVMI round trips)', unit: 'µs', better: 'lower', against: ['B1.cr-deny.raw-responder'],
     method: 'In-process agent library (KvmiListener) with a write-protected page; the simulator runs real guest code (mov [rdi], rax; hlt) in a loop; each write is skipped (TRANSLATE_GVA, READ_PHYSICAL, SET_REGISTERS, RETRY reply); time per write.' },
-  { id: 'B2.ask-central', group: 'B2', title: 'ask-central: CR4.PGE toggle held, verdict from analysis, vCPU stall', unit: 'µs', better: 'lower', against: ['B2.grpc-pingpong'],
-    method: `Agent process with --analysis to an AnalysisPeer process answering every HELD event with CONTINUE; simulator guest action timed; ${SIZES.linkRounds} rounds, first 10% dropped (libs/host-agent/bench/link.mjs).` },
+  { id: 'B2.ask-central', group: 'B2', title: 'ask-central: CR4.PGE toggle held, verdict from analysis, vCPU stall (KVM side in C)', unit: 'µs', better: 'lower', against: ['B2.grpc-pingpong'],
+    method: `Agent process with --analysis to an AnalysisPeer process answering every HELD event with CONTINUE at once; KVM + QEMU played by the C replay generator (libs/host-agent/bench/replay.c) replaying the simulator's own recorded CR4.PGE event for 1 VM × 1 vCPU with one event in flight, as KVM does; each event timed event written → reply read (CLOCK_MONOTONIC, 1 µs histogram); ${SIZES.link.warmup} s warm-up + ${SIZES.link.seconds} s (libs/host-agent/bench/link.mjs).` },
+  { id: 'B2.ask-central.simulator', group: 'B2', title: 'the same through the JavaScript simulator (SimVcpu.writeCr)', unit: 'µs', better: 'lower', against: ['B2.grpc-pingpong'],
+    method: `The same agent and peer; the simulator's guest action timed (event written → reply processed → instruction completed); ${SIZES.linkRounds} rounds, first 10% dropped. Includes the simulator's own event loop and garbage collector.` },
   { id: 'B2.grpc-pingpong', group: 'B2', title: 'raw grpc-js bidi ping-pong to the same peer (pre-encoded HELD EventBatch up, verdict back)', unit: 'µs', better: 'lower',
-    method: 'From the bench process to the same AnalysisPeer: the gRPC round trip without the agent and KVMI.' },
-  { id: 'B2.local-deny', group: 'B2', title: 'reference: local deny through the same agent', unit: 'µs', better: 'lower',
-    method: 'CR4.SMEP clear denied locally by the same agent process in the same run.' },
+    method: `From the bench process to the same AnalysisPeer: the gRPC round trip without the agent and KVMI; ${SIZES.linkRounds} rounds, first 10% dropped.` },
+  { id: 'B2.local-deny', group: 'B2', title: 'reference: CR4.SMEP clear denied locally by the same agent (KVM side in C)', unit: 'µs', better: 'lower',
+    method: 'The same generator replaying the recorded SMEP-clear event, denied by a local rule of the same agent process in the same run.' },
   { id: 'B3.agent-throughput', group: 'B3', title: 'events/s through one host agent (256 vCPU streams, local verdicts, reporting on)', unit: 'events/s', better: 'higher', against: ['B3.raw-echo'],
     method: `C replay generator (libs/host-agent/bench/replay.c) replaying a recorded attach and two recorded CR4 events: ${SIZES.tput.vms} VMs × ${SIZES.tput.vcpus} vCPUs, one event in flight per vCPU, half reported to an AnalysisPeer process (count mode); ${SIZES.tput.warmup} s warm-up + ${SIZES.tput.seconds} s (libs/host-agent/bench/throughput.mjs).` },
   { id: 'B3.raw-echo', group: 'B3', title: 'raw socket pipelined throughput: the same generator against a C echo responder', unit: 'events/s', better: 'higher',
@@ -198,10 +200,11 @@ async function repeat(samples, pp, usePostgres) {
     put('B1.c-pingpong', pq(c.r), c.load, { eventBytes: pp.eventBytes, replyBytes: pp.replyBytes });
   }
   if (ONLY.has('B2')) {
-    const { r, load } = await step(() => nodeStep('B2', 'libs/host-agent/bench/link.mjs', [], { AGENT_LINK_BENCH_ROUNDS: String(SIZES.linkRounds) }));
-    put('B2.ask-central', pq(r.askCentral), load, { agentOwnStallMeanUs: r.agentStall.askMeanUs, maxReplyWaitMs: r.maxReplyWaitMs });
-    put('B2.grpc-pingpong', pq(r.rawPingPong), load);
-    put('B2.local-deny', pq(r.localDeny), load, { agentOwnStallMeanUs: r.agentStall.localMeanUs });
+    const { r, load } = await step(() => nodeStep('B2', 'libs/host-agent/bench/link.mjs', [], { AGENT_LINK_BENCH_ROUNDS: String(SIZES.linkRounds), AGENT_LINK_BENCH_SECONDS: String(SIZES.link.seconds), AGENT_LINK_BENCH_WARMUP: String(SIZES.link.warmup) }));
+    put('B2.ask-central', pq(r.askCentral), load, { maxUs: r.askCentral.max, events: r.askCentral.n, heldPerSec: Math.round(r.askCentral.eventsPerSec), agentCpuPercent: r.askCentral.cpu.agent, peerCpuPercent: r.askCentral.cpu.peer, deadlinesMissed: r.deadlinesMissed });
+    put('B2.ask-central.simulator', pq(r.askCentralSimulator), load, { maxUs: r.askCentralSimulator.max, maxReplyWaitMs: r.maxReplyWaitMs });
+    put('B2.grpc-pingpong', pq(r.rawPingPong), load, { maxUs: r.rawPingPong.max });
+    put('B2.local-deny', pq(r.localDeny), load, { maxUs: r.localDeny.max, events: r.localDeny.n });
   }
   if (ONLY.has('B3')) {
     const t = SIZES.tput;

@@ -20,7 +20,7 @@ const node = (args) => spawnSync(process.execPath, args, { cwd: root, encoding: 
 // (agent and analysis ingest, with their baselines), B4 (cold, warm, read, memcpy), B5 (1024 VMs, streams).
 const REQUIRED = [
   'B1.cr-deny.agent', 'B1.cr-deny.raw-responder', 'B1.c-pingpong', 'B1.pf-skip.agent',
-  'B2.ask-central', 'B2.grpc-pingpong',
+  'B2.ask-central', 'B2.ask-central.simulator', 'B2.grpc-pingpong', 'B2.local-deny',
   'B3.agent-throughput', 'B3.raw-echo', 'B3.analysis-ingest', 'B3.grpc-sink',
   'B4.v2-cold', 'B4.v2-warm', 'B4.read', 'B4.memcpy',
   'B5.agent-rss', 'B5.attach', 'B5.idle-cpu', 'B5.streams.analysis', 'B5.streams.peer', 'B5.streams.analysis-cpu', 'B5.streams.analysis-rss',

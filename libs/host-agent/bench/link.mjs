@@ -1,48 +1,60 @@
 #!/usr/bin/env node
-// Host agent link benchmarks (issue #7). Run after the build (`npm run bench` runs it after run.mjs).
+// Host agent link benchmark: B2 of the suite (issue #7). Run after the build; bench/run.mjs runs it.
 //
-//  B4  ask-central stall: a guest CR4.PGE toggle held by an ask-central rule, sent to analysis, answered by
-//      a verdict and applied — timed by the simulator's guest action (event written → reply processed →
-//      instruction completed). The agent runs as its own process (`bin/periscope host-agent --analysis`),
-//      the analysis peer (`@periscope/testing`, answering every held event at once) as another. Baseline in
-//      the same run: a raw grpc-js bidi ping-pong from this process to the same peer — one pre-encoded HELD
-//      EventBatch up, the verdict back — i.e. the gRPC round trip without the agent and KVMI.
+//  B2  ask-central stall: a guest CR4.PGE toggle held by an ask-central rule, sent to analysis, answered by
+//      a verdict and applied. The agent runs as its own process (`bin/periscope host-agent --analysis`), the
+//      analysis peer (`@periscope/testing` AnalysisPeer, answering every held event with CONTINUE at once)
+//      as another. The stall is what a vCPU waits: event written → reply read, timed on the KVM side.
+//
+//   1. Record: the real simulator attaches through a tapping proxy (replay-driver.mjs) and makes the two
+//      guest writes of this bench — CR4.PGE toggled (held for analysis) and CR4.SMEP cleared (denied by a
+//      local rule) — so the frames replayed below are the simulator's own bytes, nothing hand-encoded.
+//   2. KVM side in C (the figure the target is read on): the replay generator (replay.c) plays KVM + QEMU
+//      for 1 VM × 1 vCPU with ONE event in flight — as KVM does, the vCPU waits for its reply — replaying
+//      the held CR4.PGE event for WARMUP + SECONDS; the generator times each event with CLOCK_MONOTONIC
+//      into a 1 µs histogram (p50/p99/max). Then the same for the locally denied SMEP clear (reference).
+//      Why C: real KVM answers in-kernel in microseconds; the JavaScript simulator's own event loop and
+//      garbage collector add millisecond tails of their own that no agent change can remove.
+//   3. KVM side in the simulator (reported beside it): SimVcpu.writeCr on a directly attached simulated VM
+//      (event written → reply processed → instruction completed), ROUNDS rounds, first 10% dropped.
+//   4. Baseline in the same run: a raw grpc-js bidi ping-pong from this process to the same peer — one
+//      pre-encoded HELD EventBatch up, the verdict back — i.e. the gRPC round trip without agent and KVMI.
 //
 // `--json`: the human table goes to stderr and stdout gets one JSON line (read by bench/run.mjs).
+// Env: AGENT_LINK_BENCH_SECONDS (C-driven measured seconds, default 10; --short 1), AGENT_LINK_BENCH_WARMUP
+// (seconds, default 2; --short 0.5), AGENT_LINK_BENCH_ROUNDS (simulator rounds and ping-pong rounds, 2000),
+// AGENT_BENCH_NODE_ARGS (extra node flags for the agent and peer, e.g. "--cpu-prof --cpu-prof-dir=/tmp/p").
 import { fork, spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { request } from 'node:http';
 import { cpus, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { buildReplay, loadavg, measured, metric, recordingProxy, startGen, stopGen, templatesFile, track, until, vmStates } from './replay-driver.mjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const root = join(here, '../../..');
-const ROUNDS = Number(process.env.AGENT_LINK_BENCH_ROUNDS ?? 2000);
-// Extra node flags for the agent and peer processes (profiling), e.g. "--cpu-prof --cpu-prof-dir=/tmp/p".
+const SHORT = process.argv.includes('--short') || process.env.BENCH_SHORT === '1';
+const ROUNDS = Number(process.env.AGENT_LINK_BENCH_ROUNDS ?? (SHORT ? 200 : 2000));
+const SECONDS = Number(process.env.AGENT_LINK_BENCH_SECONDS ?? (SHORT ? 1 : 10));
+const WARMUP = Number(process.env.AGENT_LINK_BENCH_WARMUP ?? (SHORT ? 0.5 : 2));
 const NODE_ARGS = (process.env.AGENT_BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean);
 const JSON_OUT = process.argv.includes('--json');
 const say = JSON_OUT ? (...a) => console.error(...a) : (...a) => console.log(...a);
 const progress = (msg) => process.stderr.write(`[agent link bench] ${msg}\n`);
 const pct = (sorted, p) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-async function until(cond, ms = 30000) {
-  const t0 = Date.now();
-  while (!(await cond())) {
-    if (Date.now() - t0 > ms) throw new Error('timed out');
-    await sleep(20);
-  }
-}
 const stats = (samples) => {
   const s = samples.slice(Math.floor(samples.length / 10)).sort((a, b) => a - b);
-  return { p50: pct(s, 50), p99: pct(s, 99), n: s.length };
+  return { p50: pct(s, 50), p99: pct(s, 99), max: s[s.length - 1], n: s.length };
 };
+const PGE = 1n << 7n;
+const SMEP = 1n << 20n;
 
 // ---- the analysis peer (child process) -------------------------------------------------------------
 async function peerChild() {
   const { AnalysisPeer } = await import(join(root, 'libs/testing/dist/index.js'));
   const continueDecision = { action: 1, replyValue: undefined };
   const peer = new AnalysisPeer({
+    autoAckDetections: true,
     onHeldEvent: (e, p) => p.verdict({ vmUuid: e.vmUuid, sessionGeneration: e.sessionGeneration, seq: e.seq, decision: continueDecision, ruleId: 'bench', detectionId: '' }),
   });
   await peer.start();
@@ -50,27 +62,6 @@ async function peerChild() {
   setInterval(() => peer.received.splice(0), 1000).unref();
   process.send?.({ address: peer.address });
   process.on('disconnect', () => process.exit(0));
-}
-
-const children = new Set();
-process.on('exit', () => {
-  for (const c of children) c.kill('SIGKILL');
-});
-
-/** The agent's stall histogram sum/count (seconds) from /metrics. */
-function stall(port) {
-  return new Promise((resolve, reject) => {
-    const req = request({ host: '127.0.0.1', port, path: '/metrics' }, (res) => {
-      let b = '';
-      res.on('data', (c) => (b += c));
-      res.on('end', () => {
-        const v = (name) => b.split('\n').filter((l) => l.startsWith(name)).reduce((n, l) => n + Number(l.slice(l.lastIndexOf(' ') + 1)), 0);
-        resolve({ sum: v('periscope_agent_vcpu_stall_seconds_sum'), count: v('periscope_agent_vcpu_stall_seconds_count') });
-      });
-    });
-    req.on('error', reject);
-    req.end();
-  });
 }
 
 async function rawPingPong(address, rounds) {
@@ -103,11 +94,24 @@ async function rawPingPong(address, rounds) {
   return stats(samples);
 }
 
+/** One C-driven phase: 1 VM × 1 vCPU, one event in flight, the given template only. */
+async function cPhase(bin, dir, tmpl, pids, label) {
+  progress(`${label}: C replay generator, 1 VM × 1 vCPU, one event in flight, ${WARMUP} s warm-up + ${SECONDS} s`);
+  const g = startGen(bin, [join(dir, 'k.sock'), tmpl, '1', '1', '1', String(WARMUP), String(SECONDS)]);
+  await until(async () => (await vmStates(dir)).some((v) => v.state === 'protected'), 60000, 'the replayed VM to be protected');
+  const m = await measured(g, pids);
+  await stopGen(g);
+  await until(async () => (await vmStates(dir)).length === 0, 10000, 'the replayed VM to detach');
+  if (m.result.bad) throw new Error(`${label}: ${m.result.bad} bad replies`);
+  return { p50: m.result.rttUs.p50, p99: m.result.rttUs.p99, max: m.result.rttUs.max, n: m.result.replies, eventsPerSec: m.result.eventsPerSec, cpu: m.cpu };
+}
+
 async function main() {
   const sim = await import(join(root, 'libs/simulator/dist/index.js'));
   const dir = mkdtempSync(join(tmpdir(), 'hab-link-'));
-  const peer = fork(fileURLToPath(import.meta.url), ['--peer'], { execArgv: NODE_ARGS, stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
-  children.add(peer);
+  const load0 = loadavg();
+  const bin = buildReplay(dir);
+  const peer = track(fork(fileURLToPath(import.meta.url), ['--peer'], { execArgv: NODE_ARGS, stdio: ['ignore', 'inherit', 'inherit', 'ipc'] }));
   const { address } = await new Promise((r) => peer.once('message', r));
   writeFileSync(join(dir, 'cookie'), 'bench');
   const policy = {
@@ -120,56 +124,87 @@ async function main() {
   };
   writeFileSync(join(dir, 'policy.json'), JSON.stringify(policy));
   const metricsPort = 20000 + Math.floor(Math.random() * 20000);
-  const agent = spawn(process.execPath, [...NODE_ARGS, join(root, 'bin/periscope'), 'host-agent', '--kvmi-listen', `unix:${dir}/k.sock`, '--cookie-file', join(dir, 'cookie'), '--policy', join(dir, 'policy.json'), '--analysis', address, '--api-listen', `unix:${dir}/api.sock`, '--metrics-listen', `127.0.0.1:${metricsPort}`, '--log-level', 'warn'], { stdio: ['ignore', 'ignore', 'inherit'] });
-  children.add(agent);
-  await until(() => existsSync(join(dir, 'api.sock')));
-  const vm = new sim.SimVm({ vcpus: 1, seed: 2, jitterMs: 0 });
+  const agent = track(
+    spawn(process.execPath, [...NODE_ARGS, join(root, 'bin/periscope'), 'host-agent', '--kvmi-listen', `unix:${dir}/k.sock`, '--cookie-file', join(dir, 'cookie'), '--policy', join(dir, 'policy.json'), '--analysis', address, '--api-listen', `unix:${dir}/api.sock`, '--metrics-listen', `127.0.0.1:${metricsPort}`, '--log-level', 'warn'], { stdio: ['ignore', 'ignore', 'inherit'] }),
+  );
+  await until(() => existsSync(join(dir, 'api.sock')), 30000, 'the agent API');
+  await until(async () => (await metric(metricsPort, 'periscope_agent_link_state')) === 2, 30000, 'the link to the peer');
+  const centralTotal = () => metric(metricsPort, 'periscope_agent_ask_central_total', 'outcome="central"');
+
+  // 1. Record the two guest writes through the tapping proxy.
+  progress('recording an attach and the two CR4 writes from the simulator');
+  const proxy = recordingProxy(join(dir, 'rec.sock'), join(dir, 'k.sock'));
+  await proxy.listen();
+  {
+    const vm = new sim.SimVm({ vcpus: 1, seed: 2, jitterMs: 0 });
+    const qemu = new sim.SimQemu(vm, { path: join(dir, 'rec.sock'), key: Buffer.from('bench'), reconnectSeconds: 30 });
+    qemu.start();
+    await until(async () => (await vmStates(dir)).some((v) => v.state === 'protected'), 30000, 'the recorded VM to be protected');
+    const cpu = vm.vcpus[0];
+    const pge = await cpu.writeCr(4, cpu.cpu.sregs.cr4 ^ PGE);
+    cpu.cpu.sregs.cr4 |= SMEP;
+    const smep = await cpu.writeCr(4, cpu.cpu.sregs.cr4 & ~SMEP);
+    if (pge.events.length !== 1 || smep.events.length !== 1) throw new Error('a recorded CR4 write raised no event');
+    if ((cpu.cpu.sregs.cr4 & SMEP) === 0n) throw new Error('the SMEP clear was not denied');
+    await until(() => proxy.rec.eventReplies.length >= 2, 5000, 'the agent replies');
+    qemu.stop();
+    await until(async () => (await vmStates(dir)).length === 0, 10000, 'the recorded VM to detach');
+    proxy.server.close();
+  }
+  const central0 = await centralTotal();
+  if (!(central0 >= 1)) throw new Error('the recorded CR4.PGE toggle was not answered by analysis');
+  templatesFile(proxy.rec, join(dir, 'ask.bin'), [0]);
+  templatesFile(proxy.rec, join(dir, 'deny.bin'), [1]);
+
+  // 2. KVM side in C.
+  const pids = { agent: agent.pid, peer: peer.pid };
+  const ask = await cPhase(bin, dir, join(dir, 'ask.bin'), pids, 'ask central');
+  // Every replayed event must have been answered by analysis (not by a deadline default).
+  const central = (await centralTotal()) - central0;
+  const deadlines = await metric(metricsPort, 'periscope_agent_ask_central_total', 'outcome="deadline"');
+  if (central < ask.n) throw new Error(`only ${central} of ${ask.n} replayed events were answered by analysis`);
+  const local = await cPhase(bin, dir, join(dir, 'deny.bin'), pids, 'local deny');
+
+  // 3. KVM side in the simulator.
+  progress(`ask central through the simulator: ${ROUNDS} rounds (SimVcpu.writeCr)`);
+  const vm = new sim.SimVm({ vcpus: 1, seed: 3, jitterMs: 0 });
   const qemu = new sim.SimQemu(vm, { path: join(dir, 'k.sock'), key: Buffer.from('bench'), reconnectSeconds: 30 });
   qemu.start();
-  await qemu.waitHooked();
-  await sleep(1000); // attach sequence + link up
+  await until(async () => (await vmStates(dir)).some((v) => v.state === 'protected'), 30000, 'the simulated VM to be protected');
   const cpu = vm.vcpus[0];
-  const round = async (bit) => {
+  const simSamples = [];
+  for (let i = 0; i < ROUNDS; i++) {
     const t0 = process.hrtime.bigint();
-    const r = await cpu.writeCr(4, cpu.cpu.sregs.cr4 ^ bit);
-    const us = Number(process.hrtime.bigint() - t0) / 1000;
+    const r = await cpu.writeCr(4, cpu.cpu.sregs.cr4 ^ PGE);
+    simSamples.push(Number(process.hrtime.bigint() - t0) / 1000);
     if (r.events.length !== 1) throw new Error('no CR event');
-    return us;
-  };
-  progress(`B4: ${ROUNDS} ask-central rounds (agent → analysis → agent)`);
-  const ask = [];
-  const local = [];
-  const PGE = 1n << 7n;
-  const SMEP = 1n << 20n;
-  const s0 = await stall(metricsPort);
-  for (let i = 0; i < ROUNDS; i++) ask.push(await round(PGE));
-  const s1 = await stall(metricsPort);
-  cpu.cpu.sregs.cr4 |= SMEP;
-  for (let i = 0; i < ROUNDS; i++) local.push(await round(SMEP)); // denied locally: SMEP stays set
-  const s2 = await stall(metricsPort);
-  // The agent's own view: event parsed → reply written (periscope_agent_vcpu_stall_seconds), mean per phase.
-  const agentStall = { askMeanUs: ((s1.sum - s0.sum) / (s1.count - s0.count)) * 1e6, localMeanUs: ((s2.sum - s1.sum) / (s2.count - s1.count)) * 1e6 };
-  const defaults = vm.stats.maxReplyWaitMs;
-  progress('B4: raw grpc-js bidi ping-pong to the same peer');
-  const raw = await rawPingPong(address, ROUNDS);
+  }
+  const maxReplyWaitMs = vm.stats.maxReplyWaitMs;
   qemu.stop();
+
+  // 4. The raw grpc-js baseline.
+  progress(`raw grpc-js bidi ping-pong to the same peer: ${ROUNDS} rounds`);
+  const raw = await rawPingPong(address, ROUNDS);
   agent.kill('SIGTERM');
   await new Promise((r) => agent.once('exit', r));
   peer.disconnect();
   await new Promise((r) => peer.once('exit', r));
   rmSync(dir, { recursive: true, force: true });
-  const a = stats(ask);
-  const l = stats(local);
-  const f = (x) => x.toFixed(1).padStart(8);
-  say(`\nHost agent link benchmark — ${cpus()[0]?.model ?? 'cpu'} × ${cpus().length}, node ${process.version}`);
-  say(`\nB4. ask-central stall (guest CR4 write held, verdict from analysis, applied); ${ROUNDS} rounds, first 10% dropped`);
-  say('   path                                      p50 µs    p99 µs');
-  say(`   ask central (sim → agent → peer → back) ${f(a.p50)}  ${f(a.p99)}   (target p99 ≤ 1000 µs)`);
-  say(`   raw grpc-js bidi ping-pong, same peer   ${f(raw.p50)}  ${f(raw.p99)}`);
-  say(`   local deny, same agent (no central)     ${f(l.p50)}  ${f(l.p99)}`);
-  say(`   agent's own stall (event parsed → reply written), mean: ask central ${agentStall.askMeanUs.toFixed(1)} µs, local deny ${agentStall.localMeanUs.toFixed(1)} µs`);
-  say(`   longest vCPU wait seen by the simulator: ${defaults} ms`);
-  console.log(JSON.stringify({ bench: 'host-agent-link', rounds: ROUNDS, askCentral: a, rawPingPong: raw, localDeny: l, agentStall, maxReplyWaitMs: defaults }));
+  const load1 = loadavg();
+
+  const viaSim = stats(simSamples);
+  const f = (x) => String(Math.round(x)).padStart(8);
+  say(`\nHost agent link benchmark — ${cpus()[0]?.model ?? 'cpu'} × ${cpus().length}, node ${process.version}${SHORT ? ' (--short)' : ''}`);
+  say(`load average before ${load0.join(' ')}, after ${load1.join(' ')}`);
+  say('\nB2. vCPU stall for a guest CR4 write: held for an analysis verdict (ask central) vs decided locally');
+  say('   KVM side                 path                                   p50 µs    p99 µs    max µs   events');
+  say(`   C (replay.c)             ask central (agent → peer → agent)   ${f(ask.p50)}  ${f(ask.p99)}  ${f(ask.max)}   ${ask.n}   (target p99 ≤ 1000 µs)`);
+  say(`   C (replay.c)             local deny, same agent               ${f(local.p50)}  ${f(local.p99)}  ${f(local.max)}   ${local.n}`);
+  say(`   simulator (JavaScript)   ask central                          ${f(viaSim.p50)}  ${f(viaSim.p99)}  ${f(viaSim.max)}   ${viaSim.n}`);
+  say(`   —                        raw grpc-js bidi ping-pong, same peer ${f(raw.p50)}  ${f(raw.p99)}  ${f(raw.max)}   ${raw.n}`);
+  say(`   CPU during ask central (% of a core): agent ${ask.cpu.agent}, peer ${ask.cpu.peer}, generator ${ask.cpu.generator}; ${Math.round(ask.eventsPerSec)} held events/s, ${deadlines} verdict deadlines missed`);
+  say(`   longest vCPU wait seen by the simulator: ${maxReplyWaitMs} ms`);
+  console.log(JSON.stringify({ bench: 'host-agent-link', short: SHORT, seconds: SECONDS, rounds: ROUNDS, load: { before: load0, after: load1 }, askCentral: ask, localDeny: local, askCentralSimulator: viaSim, rawPingPong: raw, deadlinesMissed: deadlines, maxReplyWaitMs }));
 }
 
 if (process.argv[2] === '--peer') await peerChild();

@@ -23,14 +23,13 @@
 // `--json`: the human table goes to stderr and stdout gets one JSON line (read by bench/run.mjs).
 // `--short` (or BENCH_SHORT=1): CI-sized (1 s warm-up, 3 s measured). Env: AGENT_TPUT_VMS (64),
 // AGENT_TPUT_VCPUS (4), AGENT_TPUT_INFLIGHT (1), AGENT_TPUT_SECONDS (10), AGENT_TPUT_WARMUP_SECONDS (2), AGENT_TPUT_REPORT=all|half.
-import { execFileSync, fork, spawn } from 'node:child_process';
+import { fork, spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { request } from 'node:http';
-import { createConnection, createServer } from 'node:net';
 import { cpus, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
+import { buildReplay, loadavg, measured, metric, recordingProxy, sleep, startGen, stopGen, templatesFile, track, until, vmStates } from './replay-driver.mjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const root = join(here, '../../..');
@@ -47,25 +46,6 @@ const PCE = 1n << 8n;
 const JSON_OUT = process.argv.includes('--json');
 const say = JSON_OUT ? (...a) => console.error(...a) : (...a) => console.log(...a);
 const progress = (msg) => process.stderr.write(`[agent throughput bench] ${msg}\n`);
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-async function until(cond, ms = 60000, what = 'condition') {
-  const t0 = Date.now();
-  while (!(await cond())) {
-    if (Date.now() - t0 > ms) throw new Error(`timed out waiting for ${what}`);
-    await sleep(20);
-  }
-}
-
-const children = new Set();
-process.on('exit', () => {
-  for (const c of children) c.kill('SIGKILL');
-});
-function track(child) {
-  children.add(child);
-  child.once('exit', () => children.delete(child));
-  return child;
-}
-
 // ---- the analysis peer (child process, count mode) ---------------------------------------------------
 async function peerChild() {
   const { AnalysisPeer } = await import(join(root, 'libs/testing/dist/index.js'));
@@ -91,171 +71,11 @@ function peerCounts(peer) {
   });
 }
 
-// ---- /proc CPU accounting ----------------------------------------------------------------------------
-const CLK_TCK = (() => {
-  try {
-    return Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100;
-  } catch {
-    return 100;
-  }
-})();
-function cpuTicks(pid) {
-  const s = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const f = s.slice(s.lastIndexOf(')') + 2).split(' ');
-  return Number(f[11]) + Number(f[12]); // utime, stime (fields 14, 15)
-}
-const cpuSample = (pids) => ({ t: performance.now(), ticks: Object.fromEntries(Object.entries(pids).map(([k, p]) => [k, cpuTicks(p)])) });
-function cpuPercent(a, b) {
-  const secs = (b.t - a.t) / 1000;
-  return Object.fromEntries(Object.keys(a.ticks).map((k) => [k, Math.round(((b.ticks[k] - a.ticks[k]) / CLK_TCK / secs) * 1000) / 10]));
-}
-function loadavg() {
-  return readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).map(Number);
-}
-
-// ---- HTTP helpers ------------------------------------------------------------------------------------
-function get(opts) {
-  return new Promise((resolve, reject) => {
-    const req = request(opts, (res) => {
-      let b = '';
-      res.on('data', (c) => (b += c));
-      res.on('end', () => resolve(b));
-    });
-    req.on('error', reject);
-    req.end();
-  });
-}
-async function vmStates(dir) {
-  return JSON.parse(await get({ socketPath: join(dir, 'api.sock'), path: '/v1/vms' })).vms;
-}
-async function metric(port, name) {
-  const text = await get({ host: '127.0.0.1', port, path: '/metrics' });
-  let sum = 0;
-  for (const line of text.split('\n')) if (line.startsWith(name) && (line[name.length] === ' ' || line[name.length] === '{')) sum += Number(line.slice(line.lastIndexOf(' ') + 1));
-  return sum;
-}
-
-// ---- 1. recording the transcript ---------------------------------------------------------------------
-/** A tapping proxy between the simulated QEMU (connecting to `front`) and the agent (listening on `back`). */
-function recordingProxy(front, back) {
-  const rec = { handshake: null, hsReply: null, cmdReplies: new Map(), events: [], eventReplies: [] };
-  const pending = new Map(); // seq → command id (agent → sim)
-  const parser = (skip, onFirst, onFrame) => {
-    let buf = Buffer.alloc(0);
-    let first = true;
-    return (chunk) => {
-      buf = Buffer.concat([buf, chunk]);
-      if (first) {
-        if (buf.length < skip) return;
-        onFirst(Buffer.from(buf.subarray(0, skip)));
-        buf = buf.subarray(skip);
-        first = false;
-      }
-      while (buf.length >= 8) {
-        const size = buf.readUInt16LE(2);
-        if (buf.length < 8 + size) break;
-        onFrame(Buffer.from(buf.subarray(0, 8 + size)));
-        buf = buf.subarray(8 + size);
-      }
-    };
-  };
-  const server = createServer((qemu) => {
-    const agent = createConnection(back);
-    qemu.on('error', () => agent.destroy());
-    agent.on('error', () => qemu.destroy());
-    qemu.on('close', () => agent.destroy());
-    agent.on('close', () => qemu.destroy());
-    const fromQemu = parser(104, (hs) => (rec.handshake ??= hs), (f) => {
-      const id = f.readUInt16LE(0);
-      const seq = f.readUInt32LE(4);
-      if (id === 1) rec.events.push(f);
-      else if (pending.get(seq) === id) {
-        pending.delete(seq);
-        const ok = f.length >= 12 && f.readInt32LE(8) === 0;
-        const have = rec.cmdReplies.get(id);
-        if (!have || (ok && !have.ok)) rec.cmdReplies.set(id, { ok, frame: f });
-      }
-    });
-    const fromAgent = parser(24, (r) => (rec.hsReply ??= r), (f) => {
-      const id = f.readUInt16LE(0);
-      if (id === 1) rec.eventReplies.push(f);
-      else pending.set(f.readUInt32LE(4), id);
-    });
-    qemu.on('data', (c) => {
-      fromQemu(c);
-      agent.write(c);
-    });
-    agent.on('data', (c) => {
-      fromAgent(c);
-      qemu.write(c);
-    });
-  });
-  return { rec, server, listen: () => new Promise((r) => server.listen(front, r)) };
-}
-
-function templatesFile(rec, path, eventIdx) {
-  const parts = [];
-  const put = (type, key, bytes) => {
-    const h = Buffer.alloc(12);
-    h.writeUInt32LE(type, 0);
-    h.writeUInt32LE(key, 4);
-    h.writeUInt32LE(bytes.length, 8);
-    parts.push(h, bytes);
-  };
-  put(1, 0, rec.handshake);
-  put(2, 0, rec.hsReply);
-  for (const [id, r] of rec.cmdReplies) put(3, id, r.frame);
-  eventIdx.forEach((i, k) => {
-    put(4, k, rec.events[i]);
-    put(5, k, rec.eventReplies[i]);
-  });
-  writeFileSync(path, Buffer.concat(parts));
-}
-
-// ---- the generator ------------------------------------------------------------------------------------
-function startGen(bin, args) {
-  const gen = track(spawn(bin, ['gen', ...args], { stdio: ['pipe', 'pipe', 'inherit'] }));
-  const lines = createInterface({ input: gen.stdout });
-  const waiters = [];
-  const seen = [];
-  lines.on('line', (l) => {
-    const w = waiters.findIndex((x) => x.test(l));
-    if (w >= 0) waiters.splice(w, 1)[0].resolve(l);
-    else seen.push(l);
-  });
-  const exited = new Promise((_, reject) => gen.once('exit', (code) => reject(new Error(`replay generator exited (${code})`))));
-  exited.catch(() => undefined);
-  const line = (test) => {
-    const i = seen.findIndex((l) => test(l));
-    if (i >= 0) return Promise.resolve(seen.splice(i, 1)[0]);
-    return Promise.race([new Promise((resolve) => waiters.push({ test, resolve })), exited]);
-  };
-  return { gen, line, go: () => gen.stdin.write('go\n') };
-}
-
-async function stopGen(g) {
-  g.gen.stdin.end();
-  if (g.gen.exitCode === null) await new Promise((r) => g.gen.once('exit', r));
-}
-
-/** Run the generator's go → measure → result cycle, sampling CPU (and `extra`) at both ends. */
-async function measured(g, pids, extra = async () => ({})) {
-  g.go();
-  await g.line((l) => l === 'measure');
-  const a = cpuSample({ ...pids, generator: g.gen.pid });
-  const ea = await extra();
-  const result = JSON.parse(await g.line((l) => l.startsWith('{')));
-  const b = cpuSample({ ...pids, generator: g.gen.pid });
-  const eb = await extra();
-  return { result, cpu: cpuPercent(a, b), seconds: (b.t - a.t) / 1000, extraBefore: ea, extraAfter: eb };
-}
-
 async function main() {
   const sim = await import(join(root, 'libs/simulator/dist/index.js'));
   const verdicts = await import(join(root, 'libs/verdicts/dist/index.js'));
   const dir = mkdtempSync(join(tmpdir(), 'hab-tput-'));
-  const bin = join(dir, 'replay');
-  execFileSync('cc', ['-std=c11', '-O2', '-Wall', '-Wextra', '-Werror', '-o', bin, join(here, 'replay.c')], { stdio: 'inherit' });
+  const bin = buildReplay(dir);
   const load0 = loadavg();
 
   // The peer and the agent.
