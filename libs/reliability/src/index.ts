@@ -10,10 +10,12 @@
  * - `analysis-kill-tracing`: kill -9 of analysis with breakpoint tracing active (held events, fail-open, re-plant),
  *   real agent and analysis processes.
  * - `stall-proxy`: a peer that stalls mid-message; `kvmmem-fuzz`: the guest agent's /dev/kvmmem path fuzzed.
+ * - `managed-process`: the base of `AgentProcess` and `AnalysisProcess` (spawn `bin/periscope`, stderr, kill -9, SIGTERM).
  */
 export * from './mutate.js';
 export * from './proxy.js';
 export * from './agent-campaign.js';
+export * from './managed-process.js';
 export * from './agent-process.js';
 export * from './agent-kill.js';
 export * from './wait.js';
