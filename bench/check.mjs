@@ -5,10 +5,11 @@
 //
 // Each figure is compared on its gated statistic (p50 for latencies, the value otherwise), median over the
 // repeats: as its ratio to its same-run baseline figure where it has one (so the machine's speed cancels
-// out: the agent's stall / the raw responder's, events/s / the raw echo's), memory footprints (MiB) as
-// values; the baselines themselves and other absolute times / CPU % are printed, not gated (lib/results.mjs
-// gateOf). p99s are recorded but not gated: on two shared cores they move by more than 25 % between
-// identical runs (see the min–max columns of docs/benchmarks.md).
+// out: the agent's stall / the raw responder's, events/s / the raw echo's), memory footprints (MiB) and
+// allocations per message (B/msg; a rise from 0 B is always a regression) as values; the baselines
+// themselves and other absolute times / CPU % are printed, not gated (lib/results.mjs gateOf). p99s are
+// recorded but not gated: on two shared cores they move by more than 25 % between identical runs (see the
+// min–max columns of docs/benchmarks.md).
 // Exit codes: 0 no regression, 1 a regression or a figure missing, 2 bad input.
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { dirname, join, relative } from 'node:path';

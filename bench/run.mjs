@@ -11,8 +11,9 @@
 // prints the ratios, never fails on timing.
 //
 // Each step runs an existing per-project bench script as a child process with `--json` (one JSON line on
-// stdout) — libs/host-agent/bench/{run,link,throughput}.mjs, libs/analysis/bench/{run,memory}.mjs,
-// libs/guest-agent/bench/run.mjs — or this folder's streams.mjs and c/pingpong.c (built here with `cc`).
+// stdout) — libs/host-agent/bench/{run,link,throughput}.mjs, libs/kvmi/bench/run.mjs,
+// libs/verdicts/bench/run.mjs, libs/analysis/bench/{run,memory}.mjs, libs/guest-agent/bench/run.mjs — or
+// this folder's streams.mjs and c/pingpong.c (built here with `cc`).
 import { execFileSync, spawn } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -61,8 +62,8 @@ const progress = (m) => process.stderr.write(`[bench] ${m}\n`);
 
 // ---- sizes ---------------------------------------------------------------------------------------------
 const SIZES = SHORT
-  ? { crRounds: 300, crVms: 4, cRounds: 2000, linkRounds: 200, link: { seconds: 2, warmup: 1 }, tput: { vms: 8, vcpus: 4, warmup: 1, seconds: 1 }, ingest: { agents: 2, seconds: 1, detections: 20 }, memMiB: 4, guestMiB: 4, idleVms: 32, idleCpuS: 1, streams: { streams: 8, procs: 2, seconds: 2, warmup: 1, record: 1 } }
-  : { crRounds: 3000, crVms: 64, cRounds: 20000, linkRounds: 2000, link: { seconds: 10, warmup: 2 }, tput: { vms: 64, vcpus: 4, warmup: 2, seconds: 10 }, ingest: { agents: 4, seconds: 5, detections: 200 }, memMiB: 64, guestMiB: 64, idleVms: 1024, idleCpuS: 5, streams: { streams: 100, procs: 4, seconds: 10, warmup: 2, record: 2 } };
+  ? { codecRuns: '5 × 4k', verdictRuns: '5 × 10k', crRounds: 300, crVms: 4, cRounds: 2000, linkRounds: 200, link: { seconds: 2, warmup: 1 }, tput: { vms: 8, vcpus: 4, warmup: 1, seconds: 1 }, ingest: { agents: 2, seconds: 1, detections: 20 }, memMiB: 4, guestMiB: 4, idleVms: 32, idleCpuS: 1, streams: { streams: 8, procs: 2, seconds: 2, warmup: 1, record: 1 } }
+  : { codecRuns: '5 × 40k', verdictRuns: '5 × 100k', crRounds: 3000, crVms: 64, cRounds: 20000, linkRounds: 2000, link: { seconds: 10, warmup: 2 }, tput: { vms: 64, vcpus: 4, warmup: 2, seconds: 10 }, ingest: { agents: 4, seconds: 5, detections: 200 }, memMiB: 64, guestMiB: 64, idleVms: 1024, idleCpuS: 5, streams: { streams: 100, procs: 4, seconds: 10, warmup: 2, record: 2 } };
 
 // ---- figure definitions (the method text goes into the results file and, shortened, into the docs) -----
 const FIGURES = [
@@ -74,6 +75,18 @@ const FIGURES = [
     method: `bench/c/pingpong.c built with the system cc -O2: two processes on a Unix socket pair; the CR event frame (8 + 552 + 24 bytes) and the 32-byte reply encoded by @periscope/kvmi; seq and new_val patched; ${SIZES.cRounds} round trips, first 10% dropped.` },
   { id: 'B1.pf-skip.agent', group: 'B1', title: 'local verdict: PF write to a protected page skipped (4 KVMI round trips)', unit: 'µs', better: 'lower', against: ['B1.cr-deny.raw-responder'],
     method: 'In-process agent library (KvmiListener) with a write-protected page; the simulator runs real guest code (mov [rdi], rax; hlt) in a loop; each write is skipped (TRANSLATE_GVA, READ_PHYSICAL, SET_REGISTERS, RETRY reply); time per write.' },
+  { id: 'B1.codec.kvmi-event', group: 'B1', title: 'KVMI codec, per message: PF event checked and read in place (VcpuEventView) + RETRY reply written in place', unit: 'ns', better: 'lower', against: ['B1.codec.kvmi-raw'],
+    method: `libs/kvmi/bench/run.mjs --codec-only: one 584-byte KVMI_VCPU_EVENT_PF frame; VcpuEventView.reset (frame id, size, event id, common size checked; seq, vCPU, event id read) + writeEventReply into a reused buffer; median of ${SIZES.codecRuns} iterations after 20k warm-up, in a child with --no-concurrent-recompilation and a fixed 128 MiB semi-space.` },
+  { id: 'B1.codec.kvmi-event-alloc', group: 'B1', title: 'KVMI codec: bytes allocated per message on the same path (the hot path must allocate nothing)', unit: 'B/msg', better: 'lower',
+    method: 'The same child: V8 new-space bytes used across 5 000 iterations after warm-up and a full GC (no scavenge can run inside: fixed 128 MiB semi-space), divided by 5 000, rounded down. Gated by value: any rise from 0 fails bench:check.' },
+  { id: 'B1.codec.kvmi-raw', group: 'B1', title: 'reference: the same frame with plain Buffer calls (copy, readUInt* of seq / vCPU / event id, the same 24-byte reply with writeUInt*)', unit: 'ns', better: 'lower',
+    method: 'The same child, no library and no validation: Buffer.copy of the frame into a reused buffer, the header fields read at fixed offsets, the reply written field by field (checked byte-identical to writeEventReply\'s); timed in runs alternating with B1.codec.kvmi-event\'s.' },
+  { id: 'B1.codec.verdict', group: 'B1', title: 'local verdict evaluation per event: view.reset + Evaluator.evaluate, 127-rule policy (mean of 4 CR / PF events)', unit: 'ns', better: 'lower', against: ['B1.codec.verdict-raw'],
+    method: `libs/verdicts/bench/run.mjs: generatePolicy (120 seeded filler rules in front of the shipped default policy, 22 of them on CR or PF); CR4 SMEP clear → deny, CR0 benign → default allow, PF write to kernel text → skip, PF read → default allow; per event the median of ${SIZES.verdictRuns} iterations after 20k warm-up, then the mean over the four; a child with --no-concurrent-recompilation and a fixed 128 MiB semi-space.` },
+  { id: 'B1.codec.verdict-alloc', group: 'B1', title: 'local verdict: bytes allocated per evaluation (largest of the 4 events; the evaluation must allocate nothing)', unit: 'B/msg', better: 'lower',
+    method: 'The same child: V8 new-space bytes across 5 000 evaluations after warm-up and a full GC, divided by 5 000, rounded down; the largest of the four events. Gated by value: any rise from 0 fails bench:check.' },
+  { id: 'B1.codec.verdict-raw', group: 'B1', title: 'reference: the same four decisions hand-coded (the rule\'s fields read with readUInt*, compared with constants)', unit: 'ns', better: 'lower',
+    method: 'The same child: the two shipped rules these events hit (cr4-smep-smap-clear, kernel-text-write) written out for one frame layout, no rule walk; checked to decide as the evaluator does; timed in runs alternating with the evaluator\'s on the same event; mean of the four events.' },
   { id: 'B2.ask-central', group: 'B2', title: 'ask-central: CR4.PGE toggle held, verdict from analysis, vCPU stall (KVM side in C)', unit: 'µs', better: 'lower', against: ['B2.grpc-pingpong'],
     method: `Agent process with --analysis to an AnalysisPeer process answering every HELD event with CONTINUE at once; KVM + QEMU played by the C replay generator (libs/host-agent/bench/replay.c) replaying the simulator's own recorded CR4.PGE event for 1 VM × 1 vCPU with one event in flight, as KVM does; each event timed event written → reply read (CLOCK_MONOTONIC, 1 µs histogram); ${SIZES.link.warmup} s warm-up + ${SIZES.link.seconds} s (libs/host-agent/bench/link.mjs).` },
   { id: 'B2.ask-central.simulator', group: 'B2', title: 'the same through the JavaScript simulator (SimVcpu.writeCr)', unit: 'µs', better: 'lower', against: ['B2.grpc-pingpong'],
@@ -198,6 +211,17 @@ async function repeat(samples, pp, usePostgres) {
     put('B1.pf-skip.agent', pq(r.pfSkip), load, { kvmiRoundTripsPerVerdict: r.pfSkip.roundTrips });
     const c = await step(() => runStep('B1 C ping-pong', pp.bin, [pp.event, pp.reply, String(SIZES.cRounds)]));
     put('B1.c-pingpong', pq(c.r), c.load, { eventBytes: pp.eventBytes, replyBytes: pp.replyBytes });
+    const k = await step(() => nodeStep('B1 KVMI codec', 'libs/kvmi/bench/run.mjs', ['--codec-only', ...(SHORT ? ['--short'] : [])]));
+    const kc = k.r.codec;
+    put('B1.codec.kvmi-event', { value: kc.toolSideNoReads.nsPerMsg }, k.load, { msgsPerSec: kc.toolSideNoReads.msgsPerSec, frameBytes: k.r.frameBytes, withU64ReadsNs: kc.toolSide.nsPerMsg, withU64ReadsBytesPerMsg: kc.toolSide.bytesPerMsg, kernelSideNs: kc.kernelSide.nsPerMsg, kernelSideBytesPerMsg: kc.kernelSide.bytesPerMsg, objectDecodeNs: kc.objectDecode.nsPerMsg, objectDecodeBytesPerMsg: kc.objectDecode.bytesPerMsg });
+    put('B1.codec.kvmi-event-alloc', { value: kc.toolSideNoReads.bytesPerMsg }, k.load, { allocIterations: k.r.allocIterations });
+    put('B1.codec.kvmi-raw', { value: kc.rawFrame.nsPerMsg }, k.load, { bytesPerMsg: kc.rawFrame.bytesPerMsg });
+    const v = await step(() => nodeStep('B1 verdict evaluation', 'libs/verdicts/bench/run.mjs', SHORT ? ['--short'] : []));
+    const vm = v.r.mixed;
+    const worst = Math.max(...v.r.rows.map((x) => x.verdictOnly.ns));
+    put('B1.codec.verdict', { value: vm.verdictNs }, v.load, { rules: vm.rules, events: vm.events, withReplyNs: vm.withReplyNs, viewResetNs: vm.viewResetNs, ...(SHORT ? {} : { worstCasePolicyNs: worst }) });
+    put('B1.codec.verdict-alloc', { value: vm.verdictBytes }, v.load, { withReplyBytesPerMsg: vm.withReplyBytes, allPoliciesBytesPerMsg: Math.max(...v.r.rows.map((x) => x.verdictOnly.bytes)) });
+    put('B1.codec.verdict-raw', { value: vm.rawNs }, v.load);
   }
   if (ONLY.has('B2')) {
     const { r, load } = await step(() => nodeStep('B2', 'libs/host-agent/bench/link.mjs', [], { AGENT_LINK_BENCH_ROUNDS: String(SIZES.linkRounds), AGENT_LINK_BENCH_SECONDS: String(SIZES.link.seconds), AGENT_LINK_BENCH_WARMUP: String(SIZES.link.warmup) }));

@@ -96,6 +96,7 @@ export function evaluateTargets(targets, figures) {
 const num = (v, unit) => {
   if (v === null || v === undefined || Number.isNaN(v)) return '—';
   if (unit === 'events/s' || unit === 'records/s') return v >= 1e6 ? `${(v / 1e6).toFixed(2)} M` : `${(v / 1e3).toFixed(1)} k`;
+  if (unit === 'B/msg') return String(Math.round(v));
   const a = Math.abs(v);
   return a >= 100 ? v.toFixed(0) : a >= 10 ? v.toFixed(1) : a >= 1 ? v.toFixed(2) : v.toFixed(3);
 };
@@ -140,15 +141,19 @@ export function replaceTable(doc, table) {
 }
 
 // ---- bench:check ------------------------------------------------------------------------------------
+/** Units gated by value: memory footprints and allocation, independent of the machine's speed. */
+export const VALUE_GATED_UNITS = new Set(['MiB', 'B/msg']);
+
 /**
  * How bench:check gates a figure: by its ratio to its first same-run baseline figure when it has one (the
- * machine's speed and load largely cancel out), by value when it is a memory footprint (MiB: independent of
- * the machine's speed), else not at all — the baselines and references themselves (raw responder, C
- * ping-pong, raw echo, memcpy…) and other absolute times / CPU % measure the machine as much as Periscope.
+ * machine's speed and load largely cancel out), by value when it is a memory footprint (MiB) or an
+ * allocation per message (B/msg: a rise from 0 is an infinite regression), else not at all — the baselines
+ * and references themselves (raw responder, C ping-pong, raw echo, memcpy, raw codec loops…) and other
+ * absolute times / CPU % measure the machine as much as Periscope.
  */
 export function gateOf(f) {
   if (f.compare.length) return 'ratio';
-  return f.unit === 'MiB' ? 'value' : 'none';
+  return VALUE_GATED_UNITS.has(f.unit) ? 'value' : 'none';
 }
 
 /**

@@ -16,10 +16,12 @@ const root = join(bench, '..');
 const schema = JSON.parse(readFileSync(join(bench, 'schema.json'), 'utf8'));
 const node = (args) => spawnSync(process.execPath, args, { cwd: root, encoding: 'utf8', env: { ...process.env, FORCE_COLOR: '0' } });
 
-// Every figure the issue names: B1 local verdict (CR deny, PF skip, raw responder, C ping-pong), B2, B3
-// (agent and analysis ingest, with their baselines), B4 (cold, warm, read, memcpy), B5 (1024 VMs, streams).
+// Every figure the issue names: B1 local verdict (CR deny, PF skip, raw responder, C ping-pong; the KVMI
+// and verdict codec per message, ns and bytes allocated, with their raw baselines), B2, B3 (agent and
+// analysis ingest, with their baselines), B4 (cold, warm, read, memcpy), B5 (1024 VMs, streams).
 const REQUIRED = [
   'B1.cr-deny.agent', 'B1.cr-deny.raw-responder', 'B1.c-pingpong', 'B1.pf-skip.agent',
+  'B1.codec.kvmi-event', 'B1.codec.kvmi-event-alloc', 'B1.codec.kvmi-raw', 'B1.codec.verdict', 'B1.codec.verdict-alloc', 'B1.codec.verdict-raw',
   'B2.ask-central', 'B2.ask-central.simulator', 'B2.grpc-pingpong', 'B2.local-deny',
   'B3.agent-throughput', 'B3.raw-echo', 'B3.analysis-ingest', 'B3.grpc-sink',
   'B4.v2-cold', 'B4.v2-warm', 'B4.read', 'B4.memcpy',
@@ -56,6 +58,9 @@ describe('bench --short', () => {
     expect(ratio('B2.ask-central', 'B2.grpc-pingpong')?.p99).toBeDefined();
     expect(ratio('B3.agent-throughput', 'B3.raw-echo')?.value).toBeDefined();
     expect(ratio('B4.v2-cold', 'B4.read')?.value).toBeDefined();
+    expect(ratio('B1.codec.kvmi-event', 'B1.codec.kvmi-raw')?.value).toBeDefined();
+    expect(ratio('B1.codec.verdict', 'B1.codec.verdict-raw')?.value).toBeDefined();
+    for (const id of ['B1.codec.kvmi-event-alloc', 'B1.codec.verdict-alloc']) expect(results.figures.find((x) => x.id === id).unit, id).toBe('B/msg');
     expect(results.targets.map((t) => t.id).sort()).toEqual(['B1-p50', 'B1-p99', 'B2-p99', 'B3-agent', 'B4-cold', 'B4-warm', 'B5-rss']);
     expect(run.stdout).toMatch(/B1\.cr-deny\.agent .*× B1\.cr-deny\.raw-responder/);
   });
@@ -103,6 +108,36 @@ describe('bench --short', () => {
     const fat = node([join(bench, 'check.mjs'), join(dir, 'fatter.json'), '--baseline', out]);
     expect(fat.status).toBe(1);
     expect(fat.stdout).toMatch(/B5\.streams\.analysis-rss .*REGRESSION/);
+    // Bytes allocated per message are gated by value: a hot path that starts allocating (0 → 16 B/msg) fails
+    // whatever the ratio would say; the current run is compared with a baseline whose figure is 0.
+    const zeroAlloc = clone(results);
+    for (const id of ['B1.codec.kvmi-event-alloc', 'B1.codec.verdict-alloc']) {
+      const z = zeroAlloc.figures.find((x) => x.id === id).stats.value;
+      z.runs = z.runs.map(() => 0);
+      z.min = z.median = z.max = 0;
+    }
+    const allocating = clone(zeroAlloc);
+    const a = allocating.figures.find((x) => x.id === 'B1.codec.kvmi-event-alloc').stats.value;
+    a.runs = a.runs.map(() => 16);
+    a.min = a.median = a.max = 16;
+    writeFileSync(join(dir, 'zero-alloc.json'), JSON.stringify(zeroAlloc));
+    writeFileSync(join(dir, 'allocating.json'), JSON.stringify(allocating));
+    const allocSame = node([join(bench, 'check.mjs'), join(dir, 'zero-alloc.json'), '--baseline', join(dir, 'zero-alloc.json')]);
+    expect(allocSame.status, allocSame.stdout + allocSame.stderr).toBe(0);
+    const alloc = node([join(bench, 'check.mjs'), join(dir, 'allocating.json'), '--baseline', join(dir, 'zero-alloc.json')]);
+    expect(alloc.status, alloc.stdout + alloc.stderr).toBe(1);
+    expect(alloc.stdout).toMatch(/B1\.codec\.kvmi-event-alloc .*REGRESSION/);
+    expect(alloc.stdout).not.toMatch(/B1\.codec\.verdict-alloc .*REGRESSION/);
+
+    // A figure new in the current run (not in the baseline, e.g. the codec figures before the baseline was
+    // regenerated) is shown as new, not a failure.
+    const older = clone(results);
+    older.figures = older.figures.filter((x) => !x.id.startsWith('B1.codec.'));
+    writeFileSync(join(dir, 'older.json'), JSON.stringify(older));
+    const newer = node([join(bench, 'check.mjs'), out, '--baseline', join(dir, 'older.json')]);
+    expect(newer.status, newer.stdout + newer.stderr).toBe(0);
+    expect(newer.stdout).toMatch(/B1\.codec\.kvmi-event-alloc .* new/);
+
     const missing = clone(results);
     missing.figures = missing.figures.filter((x) => x.id !== 'B5.agent-rss');
     writeFileSync(join(dir, 'slightly.json'), JSON.stringify(slightly));
