@@ -72,19 +72,14 @@ function traceOf(r: Row): TraceRow {
 }
 
 /**
- * `trace_hits.event_seq` keys a hit together with the VM and session generation (the UNIQUE constraint that
- * stores a re-delivered event once). The agent's session generation and the KVMI seq both start again at 1 when
- * the agent process restarts (kill -9, upgrade), so (VM, generation, seq) alone would collide with hits of the
- * earlier process and drop the new ones. The column therefore holds the KVMI seq in its low 32 bits and the
- * agent's receive time of the event (ms, modulo 2^31, ~24.8 days) above it: a re-delivered event carries the
- * same receive time, a new process's event does not. (Schema-free; a later migration can key on hit_ns instead.)
+ * `trace_hits.event_seq` is the KVMI seq: with the VM and the agent's session generation it names the event
+ * (the UNIQUE constraint that stores a re-delivered event once). Session generations are strictly increasing
+ * per VM across agent restarts (libs/host-agent/src/session-generations.ts), so the hits of a restarted agent
+ * never collide with those of the earlier process. Rows written before that (when generations restarted at 1)
+ * hold the agent's receive time above the low 32 bits; reading keeps only the low 32 bits — the KVMI seq is a
+ * u32, so for every other row this changes nothing.
  */
-const SEQ_BITS = 32n;
-const SEQ_MASK = (1n << SEQ_BITS) - 1n;
-const RECEIVED_MS_MOD = 1n << 31n;
-function storedEventSeq(seq: number, hitNs: bigint): bigint {
-  return ((hitNs / 1_000_000n) % RECEIVED_MS_MOD << SEQ_BITS) | (BigInt(seq) & SEQ_MASK);
-}
+const SEQ_MASK = 0xffff_ffffn;
 
 function hitOf(r: Row): TraceHit {
   return {
@@ -165,7 +160,7 @@ export class TraceStore {
   async addHit(h: Omit<TraceHit, 'hitId'>): Promise<void> {
     await this.db.query(
       `INSERT INTO trace_hits (trace_id, vm_uuid, function, session_generation, event_seq, vcpu, rip, args, hit_ns) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING`,
-      [h.traceId, h.vmUuid, h.function, h.sessionGeneration, storedEventSeq(h.eventSeq, h.hitNs), h.vcpu, hex(h.rip), JSON.stringify(h.args.map(hex)), h.hitNs],
+      [h.traceId, h.vmUuid, h.function, h.sessionGeneration, h.eventSeq, h.vcpu, hex(h.rip), JSON.stringify(h.args.map(hex)), h.hitNs],
     );
   }
 

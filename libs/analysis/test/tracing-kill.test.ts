@@ -177,7 +177,14 @@ describe('kill -9 of a real host agent process with a planted INT3', () => {
     const after = await calls(10, 100);
     expect(after.filter((c) => c.outcome !== 'completed' || !c.copied)).toEqual([]);
     await a.settled();
-    const hits = (await http(base, `/v1/traces/hits?vm=${vm.uuidText}&function=${FN}&limit=5000`)).body['hits'] as { args: string[] }[];
+    const hits = (await http(base, `/v1/traces/hits?vm=${vm.uuidText}&function=${FN}&limit=5000`)).body['hits'] as { args: string[]; generation: string }[];
+    // The restarted agent's session has a greater generation than the killed one's (generations keep increasing
+    // across agent restarts), so its hits are new (VM, generation, seq) keys, never taken for re-deliveries.
+    const generations = (from: number, to?: number): bigint[] => [...new Set(hits.slice(from, to).map((h) => h.generation))].map(BigInt);
+    const [killedGen, ...moreKilled] = generations(0, hitsBefore);
+    const [restartedGen, ...moreRestarted] = generations(hitsBefore);
+    expect([moreKilled, moreRestarted]).toEqual([[], []]);
+    expect(restartedGen! > killedGen!).toBe(true);
     // Every new hit is one of these calls, with its arguments, once (a step slower than the 1 s deadline on a
     // loaded machine fails open and is missed, never recorded wrong).
     const newHits = hits.slice(hitsBefore).map((h) => JSON.stringify(h.args));

@@ -9,6 +9,7 @@ import { events, type EventKey } from '@periscope/kvmi';
 import { deriveInterception, type Policy } from '@periscope/verdicts';
 import type { CookieLookup } from './cookies.js';
 import { KvmiListener, type Log } from './kvmi-listener.js';
+import { SessionGenerations } from './session-generations.js';
 import { Registry, STALL_BUCKETS } from './metrics.js';
 import { planFromPolicy, policyDecider, policyNeedsEvent } from './policy-decider.js';
 import type { VmConnection } from './vm-connection.js';
@@ -35,7 +36,7 @@ export interface HostAgentOptions {
   hekiPolicy?: Partial<HekiPolicy>;
   /** The analysis link (`--analysis`); without it the agent runs standalone on its local rules. */
   link?: LinkConfig;
-  /** Persistent state (`--state-dir`): the detection spool and the paused-VM list. */
+  /** Persistent state (`--state-dir`): the detection spool, the paused-VM list, planted bytes, session generations. */
   stateDir?: string;
 }
 
@@ -118,6 +119,7 @@ export class HostAgent {
       plan: planFromPolicy(deriveInterception(opts.policy)),
       decide,
       log: opts.log,
+      generations: new SessionGenerations({ dir: opts.stateDir, log: opts.log }),
       ...(opts.socketGid !== undefined ? { socketGid: opts.socketGid } : {}),
       onAttached: (vm) => {
         attached.inc();

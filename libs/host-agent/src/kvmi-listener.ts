@@ -11,6 +11,7 @@ import { createServer, type Server, type Socket } from 'node:net';
 import { dirname } from 'node:path';
 import { acceptQemuHandshake, encodeCommand, KvmiError, uuidToText, type QemuHello } from '@periscope/kvmi';
 import type { CookieLookup } from './cookies.js';
+import { SessionGenerations } from './session-generations.js';
 import { VmConnection, type Decide, type ProtectionPlan, type VmInfo } from './vm-connection.js';
 
 export type Log = (level: 'info' | 'warn' | 'error', msg: string, fields?: Record<string, unknown>) => void;
@@ -27,6 +28,8 @@ export interface KvmiListenerOptions {
   handshakeTimeoutMs?: number;
   /** Per-VM bound on queued writes (see VmConnectionOptions.maxQueuedBytes). */
   maxQueuedBytes?: number;
+  /** Session generations (persisted under `--state-dir`); default: in memory, with the wall-clock floor. */
+  generations?: SessionGenerations;
   onAttached?: (vm: VmConnection, info: VmInfo) => void;
   onDetached?: (vm: VmConnection, reason: string) => void;
 }
@@ -44,10 +47,12 @@ export class ListenerError extends Error {
 export class KvmiListener {
   private readonly servers: Server[] = [];
   readonly vms = new Map<string, VmConnection>();
-  private readonly generations = new Map<string, number>();
+  private readonly generations: SessionGenerations;
   readonly counters = { connections: 0, handshakeFailures: 0, handshakeRefusedByQemu: 0, attachFailures: 0, attached: 0 };
 
-  constructor(private readonly opts: KvmiListenerOptions) {}
+  constructor(private readonly opts: KvmiListenerOptions) {
+    this.generations = opts.generations ?? new SessionGenerations({ log: opts.log });
+  }
 
   /** The plan for VMs attaching from now on (a policy install); attached VMs are extended separately. */
   setPlan(plan: ProtectionPlan): void {
@@ -102,8 +107,7 @@ export class KvmiListener {
   }
 
   private attach(socket: Socket, hello: QemuHello): void {
-    const generation = (this.generations.get(hello.uuidText) ?? 0) + 1;
-    this.generations.set(hello.uuidText, generation);
+    const generation = this.generations.next(hello.uuidText);
     const previous = this.vms.get(hello.uuidText);
     if (previous) void previous.detach('replaced by a new connection of the same VM');
     const vm = new VmConnection({

@@ -69,7 +69,7 @@ export interface VmInfo {
   uuid: string;
   name: string;
   startTimeMs: bigint;
-  /** Increments each time this uuid attaches to this agent. */
+  /** Strictly increasing per uuid on this host, also across agent restarts (session-generations.ts). */
   sessionGeneration: number;
   version: number;
   maxMsgSize: number;

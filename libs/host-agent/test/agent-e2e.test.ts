@@ -69,10 +69,14 @@ describe('host agent ↔ simulator', () => {
     const vm = new SimVm({ vcpus: 2, seed: 3, apsOnline: true, name: `vm-${form}` });
     const qemu = new SimQemu(vm, { path: agent.path, handshake: form, key: Buffer.from('fleet-secret'), reconnectSeconds: 0.05 });
     cleanups.push(() => qemu.stop());
+    const beforeAttachMs = Date.now();
     qemu.start();
     await until(() => agent.attached.length === 1);
     const info = agent.attached[0]!.info!;
-    expect(info).toMatchObject({ name: `vm-${form}`, version: 1, vcpuCount: 2, sessionGeneration: 1 });
+    expect(info).toMatchObject({ name: `vm-${form}`, version: 1, vcpuCount: 2 });
+    // No state directory: the session generation is at least the wall clock (ms) at attach (session-generations.ts).
+    expect(Number.isSafeInteger(info.sessionGeneration)).toBe(true);
+    expect(info.sessionGeneration).toBeGreaterThanOrEqual(beforeAttachMs);
     expect(info.gfnLimit.source).toBe(form === 104 ? 'handshake' : 'VM_GET_MAX_GFN');
     expect(info.allowedCommands).toContain('VCPU_CONTROL_CR');
     expect(vm.currentHook?.unhookEventEnabled).toBe(true);

@@ -386,7 +386,7 @@ export async function runAnalysisKillTracing(opts: AnalysisKillTracingOptions): 
           const c = truth.get(args[2]!);
           if (!c || c.vcpu !== h.vcpu || args.join() !== [c.dst, c.src, c.tag, c.len].map(hex).join()) wrong++;
           const first = seen.get(args[2]!);
-          if (first) twice.push(`tag ${args[2]} vCPU ${h.vcpu}: seq ${first.event_seq} at ${new Date(Number(first.hit_ns / 1_000_000n)).toISOString()} and seq ${h.event_seq} at ${new Date(Number(h.hit_ns / 1_000_000n)).toISOString()}`);
+          if (first) twice.push(`tag ${args[2]} vCPU ${h.vcpu}: session ${first.session_generation} seq ${first.event_seq} at ${new Date(Number(first.hit_ns / 1_000_000n)).toISOString()} and session ${h.session_generation} seq ${h.event_seq} at ${new Date(Number(h.hit_ns / 1_000_000n)).toISOString()}`);
           seen.set(args[2]!, h);
         }
         if (wrong) failures.push(`${v.vm.name}: ${wrong} of ${hits.length} hits match no call (arguments or vCPU)`);

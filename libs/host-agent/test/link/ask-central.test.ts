@@ -35,7 +35,7 @@ describe('agent link: ask central', () => {
     expect(cpu.cpu.sregs.cr4).toBe(cr4);
     const held = peer.events().filter((e) => e.disposition === EventDisposition.EVENT_DISPOSITION_HELD);
     expect(held).toHaveLength(1);
-    expect(held[0]).toMatchObject({ vmUuid: uuidBytes(vm), sessionGeneration: 1n, ruleId: 'cr4-pge-ask' });
+    expect(held[0]).toMatchObject({ vmUuid: uuidBytes(vm), sessionGeneration: peer.vmAttached()[0]!.sessionGeneration, ruleId: 'cr4-pge-ask' });
     expect(held[0]!.verdictDeadlineUnixNs - held[0]!.receivedUnixNs).toBe(40_000_000n);
     expect(held[0]!.payload?.$case).toBe('cr');
     const rec1 = await peer.waitFor(() => peer.verdictRecords().find((r) => r.seq === held[0]!.seq), 3000, 'record 1');
@@ -54,7 +54,7 @@ describe('agent link: ask central', () => {
     // 3. The late verdict for that event: dropped and counted, never sent to KVM (which would be a hard error).
     peer.verdict({ vmUuid: held2.vmUuid, sessionGeneration: held2.sessionGeneration, seq: held2.seq, decision: keepOld, ruleId: 'late', detectionId: '' });
     // A verdict for an older session of the VM is dropped the same way.
-    peer.verdict({ vmUuid: held2.vmUuid, sessionGeneration: 99n, seq: held2.seq, decision: keepOld, ruleId: 'stale', detectionId: '' });
+    peer.verdict({ vmUuid: held2.vmUuid, sessionGeneration: held2.sessionGeneration - 1n, seq: held2.seq, decision: keepOld, ruleId: 'stale', detectionId: '' });
     await new Promise((r) => setTimeout(r, 100));
     expect(metric(h, 'periscope_agent_verdicts_late_total')).toBe(2);
     expect(vm.stats.hardErrors).toBe(0);

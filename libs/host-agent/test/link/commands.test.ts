@@ -29,7 +29,7 @@ describe('agent link: commands from analysis', () => {
     await protectedVm(h, vm);
     await peer.waitFor(() => peer.vmAttached().length === 1);
     const vmUuid = uuidBytes(vm);
-    const base = { vmUuid, sessionGeneration: 1n };
+    const base = { vmUuid, sessionGeneration: peer.vmAttached()[0]!.sessionGeneration };
     // A VM-scoped read, with its typed result.
     vm.memory.write(0x7000n, Buffer.from('periscope'));
     const read = await peer.command({ ...base, vcpu: 0, command: { $case: 'readPhysical', value: { gpa: 0x7000n, size: 9 } } });
@@ -65,9 +65,9 @@ describe('agent link: commands from analysis', () => {
     peer.verdict({ vmUuid: e.vmUuid, sessionGeneration: e.sessionGeneration, seq: e.seq, decision: { action: EventAction.EVENT_ACTION_CONTINUE, replyValue: undefined }, ruleId: 'ok', detectionId: '' });
     expect((await pending).outcome).toBe('completed');
     // Stale session, unknown VM, GET_MAP_TOKEN (the simulator's kernel has the legacy command), max gfn.
-    const stale = await peer.command({ vmUuid, sessionGeneration: 9n, vcpu: 0, command: { $case: 'vmGetInfo', value: {} } });
+    const stale = await peer.command({ vmUuid, sessionGeneration: base.sessionGeneration - 1n, vcpu: 0, command: { $case: 'vmGetInfo', value: {} } });
     expect(stale.status).toBe(CommandStatus.COMMAND_STATUS_STALE_SESSION);
-    const none = await peer.command({ vmUuid: Buffer.alloc(16, 7), sessionGeneration: 1n, vcpu: 0, command: { $case: 'vmGetInfo', value: {} } });
+    const none = await peer.command({ vmUuid: Buffer.alloc(16, 7), sessionGeneration: base.sessionGeneration, vcpu: 0, command: { $case: 'vmGetInfo', value: {} } });
     expect(none.status).toBe(CommandStatus.COMMAND_STATUS_VM_NOT_ATTACHED);
     const token = await peer.command({ ...base, vcpu: 0, command: { $case: 'getMapToken', value: {} } });
     expect(token.status).toBe(CommandStatus.COMMAND_STATUS_OK);

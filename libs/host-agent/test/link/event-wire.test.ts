@@ -69,7 +69,7 @@ describe('agent link: hand-encoded held events', () => {
           streamSeq: 300,
           hostId: 'host-1',
           vmUuid: uuid,
-          sessionGeneration: 7,
+          sessionGeneration: 1_795_000_000_001, // a wall-clock session generation (> 2^32)
           receivedUnixNs: Math.floor(receivedMs * 1e6),
           verdictDeadlineUnixNs: Math.floor((receivedMs + 5) * 1e6),
           disposition: EventDisposition.EVENT_DISPOSITION_HELD,
@@ -84,7 +84,7 @@ describe('agent link: hand-encoded held events', () => {
         const expected = eventFromFrame(frame, {
           hostId: 'host-1',
           vmUuid: uuid,
-          sessionGeneration: 7n,
+          sessionGeneration: 1_795_000_000_001n,
           receivedUnixNs: BigInt(Math.floor(receivedMs * 1e6)),
           repliedUnixNs: 0n,
           disposition: EventDisposition.EVENT_DISPOSITION_HELD,

@@ -28,13 +28,19 @@ describe('agent link: stream', () => {
     const hello = peer.hellos()[0]!;
     expect(hello).toMatchObject({ hostId: 'test-host', activePolicyId: 'link-test', activePolicyVersion: 1n });
     const byName = new Map(peer.vmAttached().map((v) => [v.name, v]));
-    expect(byName.get('vm-a')).toMatchObject({ vcpuCount: 2, sessionGeneration: 1n, vmUuid: uuidBytes(a.vm) });
+    // The generation the listener issued goes up as is (a ms wall-clock value, far above 2^32).
+    const genA = h.agent.listener.vms.get(a.vm.uuidText)!.info!.sessionGeneration;
+    expect(Number.isSafeInteger(genA) && genA > 2 ** 32).toBe(true);
+    expect(byName.get('vm-a')).toMatchObject({ vcpuCount: 2, sessionGeneration: BigInt(genA), vmUuid: uuidBytes(a.vm) });
     // Analysis goes away and comes back on the same port: hello and the full inventory again.
     await peer.restart();
     await peer.waitFor(() => peer.connections.length === 2 && peer.connections[1]!.received.filter((m) => m.message?.$case === 'vmAttached').length === 2, 10_000, 'inventory after reconnect');
     const second = peer.connections[1]!.received;
     expect(second[0]!.message?.$case).toBe('hello');
     expect(second[0]!.message?.$case === 'hello' && second[0]!.message.value.agentInstanceId).toBe(hello.agentInstanceId);
+    // The same sessions: a reconnect of the link is not a new KVMI session.
+    const again = second.flatMap((m) => (m.message?.$case === 'vmAttached' ? [m.message.value] : []));
+    expect(again.find((v) => v.name === 'vm-a')!.sessionGeneration).toBe(BigInt(genA));
     expect(metric(h, 'periscope_agent_link_connects_total')).toBe(2);
     expect(metric(h, 'periscope_agent_link_state')).toBe(2);
   });
@@ -58,7 +64,7 @@ describe('agent link: stream', () => {
     await peer.waitFor(() => peer.verdictRecords().length >= 300, 5000, '300 records');
     expect(peer.verdictBatches().some((b) => b.records.length > 1)).toBe(true);
     const rec = peer.verdictRecords()[0]!;
-    expect(rec).toMatchObject({ vmUuid: uuidBytes(vm), sessionGeneration: 1n, tier: VerdictTier.VERDICT_TIER_DEFAULT, policyVersion: 1n });
+    expect(rec).toMatchObject({ vmUuid: uuidBytes(vm), sessionGeneration: BigInt(h.agent.listener.vms.get(vm.uuidText)!.info!.sessionGeneration), tier: VerdictTier.VERDICT_TIER_DEFAULT, policyVersion: 1n });
     expect(rec.latencyNs).toBeGreaterThan(0n);
     expect(rec.replyValue).toBeDefined();
     // Phase 2, slow consumer: the peer stops reading for 2 s after each message, until the agent's
@@ -99,7 +105,7 @@ describe('agent link: stream', () => {
     let seq = 0;
     const sink: BatchSink = { writable: true, up: true, write: (b) => (writes.push(b), true), seq: () => ++seq };
     const q = new ReportQueue({ capacity: 4, maxBatch: 4, hostId: 'h' });
-    const vmRef = { uuid: '00112233-4455-6677-8899-aabbccddeeff', uuidBytes: Buffer.from('00112233445566778899aabbccddeeff', 'hex'), generation: 7 };
+    const vmRef = { uuid: '00112233-4455-6677-8899-aabbccddeeff', uuidBytes: Buffer.from('00112233445566778899aabbccddeeff', 'hex'), generation: 1_795_000_000_123 }; // a wall-clock session generation (> 2^32)
     const pol = { id: 'p', version: 3n, ruleIds: ['r0', 'r1'], exceptionIds: ['x0'] };
     q.push(vmRef, 5, 0xfffffff0, 8, VerdictTier.VERDICT_TIER_LOCAL, 0, 0, true, 0xdeadbeef, 0xffffffff, 1, 0, pol, 12345, 1, null);
     q.push(vmRef, 0, 1, 3, VerdictTier.VERDICT_TIER_DEFAULT, 1, 2, false, 0, 0, -1, -1, pol, 0, 1, null);
@@ -112,7 +118,7 @@ describe('agent link: stream', () => {
     expect(msgs.map((m) => m.message?.$case)).toEqual(['loss', 'verdictBatch']);
     const batch = msgs[1]!.message!.$case === 'verdictBatch' ? msgs[1]!.message!.value : undefined;
     expect(batch!.records).toHaveLength(4);
-    expect(batch!.records[0]).toMatchObject({ vcpu: 5, seq: 0xfffffff0, sessionGeneration: 7n, replyValue: 0xffffffffdeadbeefn, ruleId: 'r1', exceptionId: 'x0', policyVersion: 3n, latencyNs: 12345n });
+    expect(batch!.records[0]).toMatchObject({ vcpu: 5, seq: 0xfffffff0, sessionGeneration: 1_795_000_000_123n, replyValue: 0xffffffffdeadbeefn, ruleId: 'r1', exceptionId: 'x0', policyVersion: 3n, latencyNs: 12345n });
     expect(batch!.records[1]!.replyValue).toBeUndefined();
     expect(msgs.map((m) => m.streamSeq)).toEqual([1n, 2n]);
     // Long length prefixes are moved into place.
