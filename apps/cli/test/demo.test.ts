@@ -6,15 +6,17 @@
  * stop by themselves.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { loadDefaultPolicy } from '@periscope/verdicts';
+import { buildHostPolicy, parsePolicyDocument, ProfileRegistry, SHIPPED_POLICY_DIR, type PolicySpec } from '@periscope/analysis';
+import { policyAllowKeys } from '@periscope/host-agent';
+import { compilePolicy, loadDefaultPolicy } from '@periscope/verdicts';
 import { afterEach, describe, expect, it } from 'vitest';
 import { classify, ruleInfo } from '../src/demo/collector.js';
 import { DEFAULT_ATTACKS, demoSchema, resolveScenarios } from '../src/demo/command.js';
-import { MAX_SOCKET_PATH, longSocketPaths, planDemo, type PlanInput } from '../src/demo/plan.js';
+import { DEMO_ALLOW_COMMANDS, MAX_SOCKET_PATH, longSocketPaths, planDemo, type PlanInput } from '../src/demo/plan.js';
 import { parsePrometheus, sumOf } from '../src/demo/prom.js';
 import { renderLine, renderScreen } from '../src/demo/render.js';
 
@@ -98,6 +100,24 @@ describe('demo plan', () => {
       expect(sim.ready).toEqual({ kind: 'unix-socket', path: arg(sim.args, '--kvmmem-listen') });
     }
     expect(Math.max(...plan.specs.map((s) => s.stopPhase))).toBe(analysis.stopPhase); // analysis stops last
+  });
+
+  it('the demo agents allow every operation the shipped fleet policies make them apply (inject/crash responses)', () => {
+    const plan = planDemo({ ...base, commands: new Set(['sim', 'host-agent', 'demo', 'analysis']), analysisPolicyDir: SHIPPED_POLICY_DIR });
+    const allowed = (args: readonly string[]) => args.flatMap((x, i) => (args[i - 1] === '--allow-command' ? x.split(',') : []));
+    for (const h of plan.hosts) expect(allowed(plan.specs.find((s) => s.name === `${h.id}/agent`)!.args)).toEqual([...DEMO_ALLOW_COMMANDS]);
+    // The keys the agents check a pushed policy against (host-agent's policyAllowKeys), for the host policy
+    // analysis builds from the shipped fleet policies (kernel-code-integrity's PF rules need derived facts: left out).
+    const needs = (specs: PolicySpec[]) => {
+      const hp = buildHostPolicy({ policies: specs, exceptions: [], vms: [{ uuid: '6b1d6b63-0000-4000-8000-000000000001', name: 'vm-0', hostId: 'host-1', labels: {} }], profiles: new ProfileRegistry(), version: 1n });
+      return [...policyAllowKeys(compilePolicy(hp.policy)).keys()];
+    };
+    const shipped = readdirSync(SHIPPED_POLICY_DIR).filter((f) => /\.(ya?ml|json)$/.test(f)).map((f) => parsePolicyDocument(readFileSync(join(SHIPPED_POLICY_DIR, f), 'utf8'), f));
+    expect(shipped.length).toBeGreaterThan(0);
+    for (const k of needs(shipped)) expect(DEMO_ALLOW_COMMANDS).toContain(k);
+    // The check sees a response that needs a key (so a crash response added to a shipped policy fails here).
+    const withCrash = shipped.map((p) => parsePolicyDocument(`name: ${p.name}\nmodules:\n  cr-pinning: { action: deny, response: crash }\n`));
+    expect(needs(withCrash)).toEqual(['crash']);
   });
 
   it('a guest agent is left out while the simulator lacks --kvmmem-listen, and says why', () => {

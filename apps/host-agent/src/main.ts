@@ -18,10 +18,10 @@ export const hostAgentSchema = defineSchema({
       description:
         'analysis service HOST:PORT: the agent dials out and keeps one gRPC stream (mTLS with --tls-*); several replicas: comma-separated or repeated, tried in order, the next one on every reconnect (a dead replica\'s agents move to the others); without it the agent runs standalone on its local rules',
     },
-    'state-dir': { kind: 'path', description: 'directory for state that must survive restarts: the detection spool (spool/), VMs paused by analysis (paused.json) and the bytes analysis wrote into guests (planted.json: breakpoint INT3s, restored at re-attach after a kill -9); without it all are kept in memory only' },
+    'state-dir': { kind: 'path', description: 'directory for state that must survive restarts: the detection spool (spool/), VMs paused by analysis (paused.json), the bytes analysis wrote into guests (planted.json: breakpoint INT3s, restored at re-attach after a kill -9) and the last KVMI session generation per VM (session-generations.json: generations keep increasing across restarts even if the clock steps back); without it all are kept in memory only (generations then rely on the wall clock)' },
     'allow-command': {
       kind: 'list',
-      description: `let analysis run a dangerous operation on this host (repeat, or comma-separated): ${ALLOW_COMMAND_KEYS.join(', ')}; refused (REFUSED_BY_AGENT_POLICY) by default`,
+      description: `let analysis run a dangerous operation on this host (repeat, or comma-separated): ${ALLOW_COMMAND_KEYS.join(', ')}; refused (REFUSED_BY_AGENT_POLICY) by default. Also gates the local policy analysis pushes: one with an inject action (a module's inject response) needs inject-exception, one with a crash action needs crash, else the whole install is rejected naming the key and the previous policy stays active (the --policy file is trusted)`,
       validate: (xs: string[]) => {
         const bad = xs.filter((x) => !(ALLOW_COMMAND_KEYS as readonly string[]).includes(x));
         return bad.length > 0 ? `unknown command key(s) ${bad.join(', ')}; known: ${ALLOW_COMMAND_KEYS.join(', ')}` : undefined;
@@ -126,7 +126,7 @@ export async function runHostAgent(argv: string[]): Promise<number> {
       maxHeldEvents: v['max-held-events'],
       backoff: { maxMs: v['link-backoff-max'] },
     };
-    if (!v['state-dir']) log('warn', 'no --state-dir: spooled detections, analysis pauses and planted breakpoint bytes are kept in memory only (lost on restart)');
+    if (!v['state-dir']) log('warn', 'no --state-dir: spooled detections, analysis pauses and planted breakpoint bytes are kept in memory only (lost on restart); session generations rely on the wall clock');
     log('info', 'analysis link configured', { analysis: v.analysis, fleetMode: cfg.fleetMode, allowCommands: v['allow-command'] });
   } else if (v['allow-command'].length > 0) {
     log('warn', '--allow-command without --analysis has no effect');

@@ -8,6 +8,10 @@
  * - quarantine: held + a critical quarantine alert; it stays paused until an operator resumes it;
  * - crash: the vCPU is crashed (CRASH action).
  *
+ * Inject and crash come with the local policy analysis pushes, so the agent must allow them
+ * (`--allow-command inject-exception,crash`); an agent without `crash` rejects the whole policy naming the
+ * key, and analysis logs it and shows it in the host listing (`policyState`/`policyError`).
+ *
  * Every response and operator action is in the audit log with who asked.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -44,19 +48,21 @@ describe.each(DB_VARIANTS)('responses end to end on $name', (variant) => {
   const vms = {} as Record<Which, { vm: SimVm; qemu: SimQemu; events: GuestEventRecord[] }>;
   let dir = '';
   const agentLogs: string[] = [];
+  const analysisLogs: { level: string; msg: string; fields: Record<string, unknown> }[] = [];
 
   beforeAll(async () => {
     const d = await variant.create();
     drop = d.drop;
     await resetDatabase(d.url);
-    a = await Analysis.start({ db: d.url, grpcListen: '127.0.0.1:0', keepaliveMs: 200, flushMs: 100 });
+    a = await Analysis.start({ db: d.url, grpcListen: '127.0.0.1:0', httpListen: '127.0.0.1:0', keepaliveMs: 200, flushMs: 100, log: (level, msg, f) => analysisLogs.push({ level, msg, fields: f ?? {} }) });
     for (const w of Object.values(VMS)) await a.applyPolicy(policy(w.policy, w.vm, w.response));
     dir = mkdtempSync(join(tmpdir(), 'an-resp-'));
     const sock = join(dir, 'kvmi.sock');
     agent = new HostAgent({
       hostId: 'resp-host', kvmiPaths: [sock], cookies: parseCookies(Buffer.from('s')), policy: BOOTSTRAP, stateDir: join(dir, 'state'),
       log: (level, msg, f) => agentLogs.push(`${level}: ${msg} ${JSON.stringify(f ?? {}, (_k, v: unknown) => (typeof v === 'bigint' ? v.toString() : v))}`),
-      link: { address: `127.0.0.1:${a.grpcPort}`, backoff: { initialMs: 20, maxMs: 200 } },
+      // The inject and crash responses are applied by the agent from the pushed policy: it must allow them.
+      link: { address: `127.0.0.1:${a.grpcPort}`, backoff: { initialMs: 20, maxMs: 200 }, allowCommands: ['inject-exception', 'crash'] },
     });
     await agent.start();
     let seed = 11;
@@ -180,6 +186,40 @@ describe.each(DB_VARIANTS)('responses end to end on $name', (variant) => {
     expect(al.action).toBe('crash');
     const e = await audit('crash', (x) => x.action === 'crash', 'crash audited');
     expect(e).toMatchObject({ actor: 'policy:answer-crash', success: true, result: 'the agent replied CRASH' });
+  }, 40_000);
+
+  it('an agent without --allow-command crash rejects a policy with a crash response: logged, and the host listing says why', async () => {
+    const sock = join(dir, 'strict.sock');
+    const strict = new HostAgent({
+      hostId: 'resp-strict-host', kvmiPaths: [sock], cookies: parseCookies(Buffer.from('s')), policy: BOOTSTRAP, log: () => undefined,
+      link: { address: `127.0.0.1:${a.grpcPort}`, backoff: { initialMs: 20, maxMs: 200 }, allowCommands: ['write-physical', 'inject-exception'] },
+    });
+    const vm = new SimVm({ vcpus: 1, seed: 21, jitterMs: 0, name: 'resp-strict' });
+    const qemu = new SimQemu(vm, { path: sock, key: Buffer.from('s'), reconnectSeconds: 0.05 });
+    try {
+      await a.applyPolicy(policy('answer-strict', 'resp-strict', 'crash'));
+      await strict.start();
+      qemu.start();
+      let host: Awaited<ReturnType<typeof a.store.listHosts>>[number] | undefined;
+      await until(async () => (host = (await a.store.listHosts()).find((x) => x.hostId === 'resp-strict-host'))?.policyState === 'rejected', 20_000, 'policy rejected');
+      expect(host!.policyError).toMatch(/rule answer-strict\/syscall-msrs\/entry \(crash\).* needs --allow-command crash/);
+      expect(host!.policyError).toContain('config key "allow-command"');
+      // The version in effect is an older one (the previous policy stays active), not the refused one.
+      expect(host!.policyVersion < a.sessions.get('resp-strict-host')!.lastPolicyVersion).toBe(true);
+      expect(analysisLogs).toContainEqual(expect.objectContaining({ level: 'error', msg: 'agent rejected the local policy', fields: expect.objectContaining({ host: 'resp-strict-host', error: expect.stringContaining('--allow-command crash') }) }));
+      // The operator's view over HTTP too: GET /v1/hosts.
+      const r = await fetch(`http://127.0.0.1:${a.httpPort}/v1/hosts`).then((x) => x.json() as Promise<{ hosts: { hostId: string; policyState: string; policyError: string }[] }>);
+      expect(r.hosts.find((x) => x.hostId === 'resp-strict-host')).toMatchObject({ policyState: 'rejected', policyError: expect.stringContaining('--allow-command crash') });
+      // Nothing crashes the guest: its LSTAR write goes on under the agent's own (bootstrap) policy.
+      const c = vm.vcpus[0]!;
+      const w = await c.wrmsr(MSR.LSTAR, vm.kernel.text + 0x123400n);
+      expect(w.crashed).toBe(false);
+      expect(c.isCrashed).toBe(false);
+    } finally {
+      qemu.stop();
+      vm.close();
+      await strict.stop(300);
+    }
   }, 40_000);
 
   it('policy validation names the path of a bad response', async () => {

@@ -1,4 +1,5 @@
 export { KvmiListener, ListenerError, type KvmiListenerOptions, type Log } from './kvmi-listener.js';
+export { SessionGenerations, SESSION_GENERATIONS_FILE, PRUNE_AFTER_MS, type SessionGenerationsOptions } from './session-generations.js';
 export { VmConnection, EMPTY_PLAN, type Decide, type EventDecision, type ProtectionPlan, type VmInfo, type VmConnectionOptions, type RememberedByte } from './vm-connection.js';
 export { loadCookieFile, parseCookies, CookieFileError, type CookieLookup } from './cookies.js';
 export { skipInstruction, type SkipResult } from './instruction-skip.js';
@@ -13,7 +14,7 @@ export { DetectionSpool } from './link/spool.js';
 export { PauseStore } from './link/pause-store.js';
 export { PlantedStore, type PlantedVm } from './link/planted-store.js';
 export { AnalysisWrites, type AnalysisEventKind } from './link/analysis-writes.js';
-export { CommandExecutor, ALLOW_COMMAND_KEYS, DANGEROUS_COMMANDS, type AllowCommandKey } from './link/command-executor.js';
+export { CommandExecutor, ALLOW_COMMAND_KEYS, ACTION_ALLOW_KEYS, DANGEROUS_COMMANDS, policyAllowKeys, policyRefusal, type AllowCommandKey } from './link/command-executor.js';
 export { eventFromFrame, decisionToReply, kindOfEventId } from './link/convert.js';
 export { PbWriter } from './link/wire.js';
 export * from './heki/index.js';

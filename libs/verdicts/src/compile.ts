@@ -290,6 +290,32 @@ export class CompiledPolicy {
   }
 }
 
+/** One action a compiled policy can take, and where it comes from. */
+export interface PolicyActionUse {
+  readonly kind: ActionKind;
+  /** `rule ID`, `rule ID (ask-central default)`, `exception ID`, `default for KIND`. */
+  readonly where: string;
+}
+
+/**
+ * Every action the compiled policy can apply, from what the evaluator will actually use: rule actions,
+ * ask-central defaults, exception actions and the per-kind defaults. The host agent gates the dangerous
+ * ones (inject, crash) of a policy pushed by analysis with its allow-list.
+ */
+export function policyActions(c: CompiledPolicy): PolicyActionUse[] {
+  const out: PolicyActionUse[] = [];
+  for (const r of c.rules) {
+    if (r.action) out.push({ kind: r.action.kind, where: `rule ${r.id}` });
+    if (r.askDefault) out.push({ kind: r.askDefault.kind, where: `rule ${r.id} (ask-central default)` });
+  }
+  for (const x of c.exceptions) if (x.action) out.push({ kind: x.action.kind, where: `exception ${x.id}` });
+  for (const k of VCPU_EVENT_KINDS) {
+    const d = c.defaults.get(events[k].id);
+    if (d) out.push({ kind: d.kind, where: `default for ${k}` });
+  }
+  return out;
+}
+
 // ---- validation ---------------------------------------------------------------------------------
 
 class Issues {

@@ -10,7 +10,7 @@
 export * from './model.js';
 export * from './errors.js';
 export { illegalBecause, injectReplyAction, isActionLegal, kvmiActionValue, legalActions, renderLegalityTable, KVMI_ACTION_OF } from './legality.js';
-export { compilePolicy, CompiledPolicy, DEFAULT_ASK_CENTRAL_DEADLINE_MS, MAX_ASK_CENTRAL_DEADLINE_MS } from './compile.js';
+export { compilePolicy, policyActions, CompiledPolicy, DEFAULT_ASK_CENTRAL_DEADLINE_MS, MAX_ASK_CENTRAL_DEADLINE_MS, type PolicyActionUse } from './compile.js';
 export { Evaluator, Verdict, type EvaluatorOptions } from './evaluator.js';
 export {
   DEFAULT_POLICY_PATH,

@@ -26,7 +26,7 @@ const fleetSchema = opSchema({ connected: { kind: 'boolean', description: 'only 
 export const fleetCmd = (argv: string[], io: OutIo) =>
   runOp({
     command: 'fleet',
-    summary: 'The hosts analysis knows: agent linked or not, VMs attached, the local policy installed and its state.',
+    summary: 'The hosts analysis knows: agent linked or not, VMs attached, the local policy installed and its state (and why an agent rejected its policy, e.g. a crash response it does not allow).',
     examples: ['periscope fleet', 'periscope fleet --server 10.0.0.5:7401 --token-file ~/.periscope/token', 'periscope fleet --json | jq ".hosts[].hostId"'],
     schema: fleetSchema,
     run: async (c) => {
@@ -52,6 +52,8 @@ export const fleetCmd = (argv: string[], io: OutIo) =>
           c.p,
         ).join('\n'),
       );
+      // Why an agent did not take its local policy (e.g. a crash response without --allow-command crash).
+      for (const h of hosts) if (h.policyState !== 'active' && h.policyError) io.out(c.p.yellow(`${str(h.hostId)}: local policy ${str(h.policyState)}: ${str(h.policyError)}`));
       return EXIT.ok;
     },
   }, argv, io);

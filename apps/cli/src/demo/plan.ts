@@ -111,6 +111,14 @@ export function portsNeeded(hosts: number, commands: ReadonlySet<string>): numbe
   return hosts + (hasAnalysis(commands) ? 2 : 0);
 }
 
+/**
+ * The demo agents' allow-list (`--allow-command`). Breakpoint tracing (`periscope trace`) plants INT3s with
+ * VM_WRITE_PHYSICAL. The shipped fleet policies (libs/analysis/policies) answer with `deny` only; a module
+ * `response: inject` or `crash` there would need `inject-exception` / `crash` here too, else every agent
+ * rejects the pushed policy (docs/alerts.md "Responses"; test/demo.test.ts checks the two agree).
+ */
+export const DEMO_ALLOW_COMMANDS: readonly string[] = ['write-physical'];
+
 export function planDemo(input: PlanInput): DemoPlan {
   const ports = [...input.ports];
   const port = (): number => {
@@ -180,8 +188,8 @@ export function planDemo(input: PlanInput): DemoPlan {
         '--api-listen', `unix:${host.apiSocket}`,
         '--metrics-listen', host.metrics,
         '--policy', input.policy,
-        // Breakpoint tracing (`periscope trace`) plants INT3s with VM_WRITE_PHYSICAL: the demo's agents allow it.
-        ...(agentLinks && analysis ? ['--analysis', analysis.listen, '--allow-command', 'write-physical'] : []),
+        // What analysis may do to the demo's guests (`--allow-command`): see DEMO_ALLOW_COMMANDS.
+        ...(agentLinks && analysis ? ['--analysis', analysis.listen, ...DEMO_ALLOW_COMMANDS.flatMap((k) => ['--allow-command', k])] : []),
         ...(heki ? ['--heki-listen', `unix:${join(dir, 'heki.sock')}`] : []),
       ],
       ready: { kind: 'unix-http', socket: host.apiSocket, path: '/v1/vms' },

@@ -9,11 +9,14 @@
  * Agent-side allow-list: commands that change the guest from analysis — write physical memory, set
  * registers, set XSAVE, inject an exception (and central CRASH verdicts, checked by the runtime) — are
  * refused with COMMAND_STATUS_REFUSED_BY_AGENT_POLICY unless the host enables them with
- * `--allow-command KEY` (config key `allow-command`).
+ * `--allow-command KEY` (config key `allow-command`). A local policy pushed by analysis whose actions
+ * inject or crash is refused whole by the same list (`policyRefusal`, used by `PolicyHolder.install`);
+ * the operator's own `--policy` file is trusted.
  */
 import { commands, KvmiError, type CommandKey, type ReplyResult } from '@periscope/kvmi';
 import { CommandStatus, CpuMode, KvmiCommandKind, KvmiEventKind, type CommandResult, type KvmiCommand } from '@periscope/contracts';
 import { events, type EventKey } from '@periscope/kvmi';
+import { policyActions, type ActionKind, type CompiledPolicy } from '@periscope/verdicts';
 import type { VmConnection } from '../vm-connection.js';
 
 /** Allow-list keys (`--allow-command`) for the dangerous operations analysis may request. */
@@ -25,6 +28,49 @@ export const DANGEROUS_COMMANDS = {
 } as const;
 export const ALLOW_COMMAND_KEYS = ['write-physical', 'set-registers', 'set-xsave', 'inject-exception', 'crash'] as const;
 export type AllowCommandKey = (typeof ALLOW_COMMAND_KEYS)[number];
+
+/**
+ * The allow-list key each local-policy action needs when the policy came from analysis (null: none).
+ * Every action kind is listed, so a new one must decide. `skip` and `rewrite` are how a write is denied
+ * (the protection itself), not operations of their own.
+ */
+export const ACTION_ALLOW_KEYS: Readonly<Record<ActionKind, AllowCommandKey | null>> = {
+  allow: null,
+  deny: null,
+  rewrite: null,
+  skip: null,
+  retry: null,
+  inject: 'inject-exception',
+  crash: 'crash',
+};
+
+/** The allow-list keys a compiled policy needs, each with where it is used (rule/exception ids, defaults). */
+export function policyAllowKeys(c: CompiledPolicy): Map<AllowCommandKey, string[]> {
+  const out = new Map<AllowCommandKey, string[]>();
+  for (const u of policyActions(c)) {
+    const key = ACTION_ALLOW_KEYS[u.kind];
+    if (!key) continue;
+    let l = out.get(key);
+    if (!l) out.set(key, (l = []));
+    l.push(`${u.where} (${u.kind})`);
+  }
+  return out;
+}
+
+/**
+ * Why this agent refuses a policy pushed by analysis (an action its allow-list does not enable), naming
+ * the key and the config key; undefined = allowed.
+ */
+export function policyRefusal(c: CompiledPolicy, allow: ReadonlySet<string>): string | undefined {
+  const parts: string[] = [];
+  for (const [key, where] of policyAllowKeys(c)) {
+    if (allow.has(key)) continue;
+    const shown = where.length > 3 ? `${where.slice(0, 3).join(', ')} and ${where.length - 3} more` : where.join(', ');
+    parts.push(`${shown} needs --allow-command ${key}`);
+  }
+  if (parts.length === 0) return undefined;
+  return `refused by this agent's allow-list (REFUSED_BY_AGENT_POLICY): ${parts.join('; ')} (config key "allow-command"); the previous policy stays active`;
+}
 
 type CommandCase = NonNullable<KvmiCommand['command']>['$case'];
 type ResultValue = NonNullable<CommandResult['result']>;

@@ -44,7 +44,7 @@ import { actionToProto, crMsrValues, eventFromFrame, kindOfEventId, EVENT_KEY_BY
 import { heldEventEncodable, writeHeldEventRequest, type HeldEventMeta } from './event-wire.js';
 import { PbWriter } from './wire.js';
 import { AgentLinkClient, type BackoffOptions, type LinkTls } from './client.js';
-import { CommandExecutor } from './command-executor.js';
+import { CommandExecutor, policyRefusal } from './command-executor.js';
 import { HeldEventRegistry, type HeldEntry, type Resolution } from './held-events.js';
 import { ReportQueue, type LinkVm, type PolicyRef } from './outbound-queue.js';
 import { PauseStore } from './pause-store.js';
@@ -111,6 +111,11 @@ export class PolicyHolder {
   onSwap: ((compiled: CompiledPolicy) => void | Promise<unknown>) | undefined;
   /** Settles when the interception of the latest swap is applied (installs report ACTIVE after it). */
   applied: Promise<unknown> = Promise.resolve();
+  /**
+   * The agent's `--allow-command` keys, which `install` checks a pushed policy's actions against (set by the
+   * link runtime). Empty: a pushed policy that injects or crashes is refused.
+   */
+  allow: ReadonlySet<string> = new Set();
 
   constructor(policy: Policy | CompiledPolicy) {
     this.current = 'ruleIds' in policy ? policy : compilePolicy(policy);
@@ -122,7 +127,11 @@ export class PolicyHolder {
     return r;
   }
 
-  /** Validate, compile and (if newer) activate an installed LocalPolicy. Never throws. */
+  /**
+   * Validate, compile and (if newer) activate a LocalPolicy pushed by analysis. Never throws. A policy with
+   * an action the agent's allow-list does not enable (`inject` needs `inject-exception`, `crash` needs
+   * `crash`: `policyRefusal`, against `allow`) is REJECTED whole, naming the key; the previous policy stays active.
+   */
   install(lp: LocalPolicy): PolicyStatus {
     const active = this.current.policy;
     const status = (state: PolicyInstallState, error = ''): PolicyStatus => ({
@@ -145,6 +154,8 @@ export class PolicyHolder {
         return status(PolicyInstallState.POLICY_INSTALL_STATE_STALE, `version ${lp.version} is not newer than the active ${active.version}`);
       }
       compiled = compilePolicy(policy);
+      const refused = policyRefusal(compiled, this.allow);
+      if (refused) return status(PolicyInstallState.POLICY_INSTALL_STATE_REJECTED, refused);
     } catch (e) {
       const issues = (e as { issues?: { path: string; ruleId?: string | null; message: string }[] }).issues;
       return status(PolicyInstallState.POLICY_INSTALL_STATE_REJECTED, issues ? issues.map((i) => `${i.path}${i.ruleId ? ` (rule ${i.ruleId})` : ''}: ${i.message}`).join('; ') : (e as Error).message);
@@ -227,6 +238,7 @@ export class LinkRuntime {
   constructor(private readonly opts: LinkRuntimeOptions) {
     const cfg = opts.config;
     this.allow = new Set(cfg.allowCommands ?? []);
+    opts.policies.allow = this.allow; // policies pushed by analysis are checked against the same list
     this.heldMeta.hostId = opts.hostId;
     this.queue = new ReportQueue({ capacity: cfg.reportQueueSize ?? 65536, maxBatch: cfg.batchMax ?? 512, hostId: opts.hostId });
     this.spool = new DetectionSpool(opts.stateDir ? join(opts.stateDir, 'spool') : undefined, cfg.spoolMaxBytes ?? 64 * 1024 * 1024, opts.log);
