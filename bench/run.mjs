@@ -19,7 +19,7 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'nod
 import { tmpdir } from 'node:os';
 import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { FORMAT, buildFigures, evaluateTargets, loadavg, machine, renderTable, replaceTable } from './lib/results.mjs';
+import { FORMAT, buildFigures, cpuTimes, evaluateTargets, loadavg, machine, renderTable, replaceTable, stealPercent } from './lib/results.mjs';
 import { validate } from './lib/schema.mjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -197,11 +197,15 @@ async function buildPingPong(dir) {
 
 // ---- one repeat of the suite --------------------------------------------------------------------------
 async function repeat(samples, pp, usePostgres) {
-  const put = (id, stats, load, extra) => (samples[id] ??= []).push({ stats, load, extra });
+  // Each figure records the hypervisor's steal during the step that measured it (extra.stealPercent).
+  let steal = 0;
+  const put = (id, stats, load, extra) => (samples[id] ??= []).push({ stats, load, extra: { ...extra, stealPercent: steal } });
   const pq = (x) => ({ p50: x.p50, p99: x.p99 });
   const step = async (fn) => {
     const l0 = loadavg()[0];
+    const c0 = cpuTimes();
     const r = await fn();
+    steal = stealPercent(c0, cpuTimes());
     return { r, load: [l0, loadavg()[0]] };
   };
   if (ONLY.has('B1')) {
@@ -225,7 +229,7 @@ async function repeat(samples, pp, usePostgres) {
   }
   if (ONLY.has('B2')) {
     const { r, load } = await step(() => nodeStep('B2', 'libs/host-agent/bench/link.mjs', [], { AGENT_LINK_BENCH_ROUNDS: String(SIZES.linkRounds), AGENT_LINK_BENCH_SECONDS: String(SIZES.link.seconds), AGENT_LINK_BENCH_WARMUP: String(SIZES.link.warmup) }));
-    put('B2.ask-central', pq(r.askCentral), load, { maxUs: r.askCentral.max, events: r.askCentral.n, heldPerSec: Math.round(r.askCentral.eventsPerSec), agentCpuPercent: r.askCentral.cpu.agent, peerCpuPercent: r.askCentral.cpu.peer, deadlinesMissed: r.deadlinesMissed });
+    put('B2.ask-central', pq(r.askCentral), load, { maxUs: r.askCentral.max, events: r.askCentral.n, heldPerSec: Math.round(r.askCentral.eventsPerSec), agentCpuPercent: r.askCentral.cpu.agent, peerCpuPercent: r.askCentral.cpu.peer, deadlinesMissed: r.deadlinesMissed, windowStealPercent: r.askCentral.stealPercent });
     put('B2.ask-central.simulator', pq(r.askCentralSimulator), load, { maxUs: r.askCentralSimulator.max, maxReplyWaitMs: r.maxReplyWaitMs });
     put('B2.grpc-pingpong', pq(r.rawPingPong), load, { maxUs: r.rawPingPong.max });
     put('B2.local-deny', pq(r.localDeny), load, { maxUs: r.localDeny.max, events: r.localDeny.n });
@@ -309,6 +313,7 @@ async function main() {
   const startedAt = new Date();
   const m = machine(root);
   const loadBefore = loadavg();
+  const cpuBefore = cpuTimes();
   progress(`${SHORT ? 'short run' : 'full run'}: ${REPEATS} repeat(s) of ${[...ONLY].join(', ')}; ${m.cpuModel} × ${m.cores}, load ${loadBefore.join(' ')}`);
   const tmp = mkdtempSync(join(tmpdir(), 'periscope-bench-'));
   const samples = {};
@@ -331,7 +336,7 @@ async function main() {
     short: SHORT,
     repeats: REPEATS,
     durationSeconds: Math.round((Date.now() - startedAt.getTime()) / 1000),
-    machine: { ...m, loadBefore, loadAfter: loadavg() },
+    machine: { ...m, loadBefore, loadAfter: loadavg(), stealPercent: stealPercent(cpuBefore, cpuTimes()) },
     figures,
     targets: evaluateTargets(TARGETS, figures),
   };

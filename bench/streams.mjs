@@ -300,9 +300,8 @@ async function analysisChild() {
 
 async function peerChild() {
   const { AnalysisPeer } = await lib('testing');
-  const peer = new AnalysisPeer({ mode: 'count', autoAckDetections: true });
+  const peer = new AnalysisPeer({ mode: 'count', autoAckDetections: true, retain: false });
   await peer.start();
-  setInterval(() => peer.received.splice(0), 1000).unref();
   process.on('message', (m) => {
     if (m === 'counts') process.send({ counts: { ...peer.counts } });
   });

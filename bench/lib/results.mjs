@@ -14,6 +14,20 @@ export function loadavg() {
   return readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).map(Number);
 }
 
+/** The machine's CPU time counters (/proc/stat, all CPUs, clock ticks): total and steal. */
+export function cpuTimes() {
+  const f = readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1).map(Number);
+  return { total: f.reduce((a, b) => a + b, 0), steal: f[7] ?? 0 };
+}
+
+/**
+ * CPU time the hypervisor stole between two `cpuTimes()` readings, in % of the machine's CPU time. A
+ * virtual machine's figures are only as steady as its host: steal marks runs whose tails are the host's.
+ */
+export function stealPercent(a, b) {
+  return b.total > a.total ? Math.round(((b.steal - a.steal) / (b.total - a.total)) * 1000) / 10 : 0;
+}
+
 export function spread(runs) {
   const s = [...runs].sort((a, b) => a - b);
   const mid = s.length >> 1;
@@ -107,7 +121,7 @@ const ratioCell = (sp) => (sp ? (sp.runs.length > 1 ? `${sp.median.toFixed(2)}×
 export function renderTable(results, fileLabel) {
   const m = results.machine;
   const lines = [TABLE_START, ''];
-  lines.push(`Run \`${fileLabel}\`: ${results.startedAt.slice(0, 16).replace('T', ' ')} UTC, ${m.cpuModel} × ${m.cores}, ${m.memoryMiB} MiB, Node ${m.node}, ${m.os}, commit \`${m.commit.slice(0, 10)}\`${m.dirty ? ' (with uncommitted changes)' : ''}; ${results.repeats} repeat${results.repeats > 1 ? 's' : ''}${results.short ? ', **--short sizes**' : ''}, ${Math.round(results.durationSeconds / 60)} min; load average (1/5/15 min) ${m.loadBefore.join(' / ')} before, ${m.loadAfter.join(' / ')} after.`);
+  lines.push(`Run \`${fileLabel}\`: ${results.startedAt.slice(0, 16).replace('T', ' ')} UTC, ${m.cpuModel} × ${m.cores}, ${m.memoryMiB} MiB, Node ${m.node}, ${m.os}, commit \`${m.commit.slice(0, 10)}\`${m.dirty ? ' (with uncommitted changes)' : ''}; ${results.repeats} repeat${results.repeats > 1 ? 's' : ''}${results.short ? ', **--short sizes**' : ''}, ${Math.round(results.durationSeconds / 60)} min; load average (1/5/15 min) ${m.loadBefore.join(' / ')} before, ${m.loadAfter.join(' / ')} after${m.stealPercent !== undefined ? `; CPU time stolen by the hypervisor during the run: ${m.stealPercent} %` : ''}.`);
   lines.push('Cells: median over the repeats (min–max). Ratio: this figure / the baseline figure named, per repeat.');
   lines.push('');
   lines.push('| figure | unit | p50 or value | p99 | baseline | ratio p50 or value | ratio p99 | 1-min load |');

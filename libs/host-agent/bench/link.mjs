@@ -29,6 +29,7 @@ import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { cpuTimes, stealPercent } from '../../../bench/lib/results.mjs';
 import { buildReplay, loadavg, measured, metric, recordingProxy, startGen, stopGen, templatesFile, track, until, vmStates } from './replay-driver.mjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -55,11 +56,10 @@ async function peerChild() {
   const continueDecision = { action: 1, replyValue: undefined };
   const peer = new AnalysisPeer({
     autoAckDetections: true,
+    retain: false,
     onHeldEvent: (e, p) => p.verdict({ vmUuid: e.vmUuid, sessionGeneration: e.sessionGeneration, seq: e.seq, decision: continueDecision, ruleId: 'bench', detectionId: '' }),
   });
   await peer.start();
-  // Forget what was received (a long run would otherwise keep every message).
-  setInterval(() => peer.received.splice(0), 1000).unref();
   process.send?.({ address: peer.address });
   process.on('disconnect', () => process.exit(0));
 }
@@ -99,11 +99,13 @@ async function cPhase(bin, dir, tmpl, pids, label) {
   progress(`${label}: C replay generator, 1 VM × 1 vCPU, one event in flight, ${WARMUP} s warm-up + ${SECONDS} s`);
   const g = startGen(bin, [join(dir, 'k.sock'), tmpl, '1', '1', '1', String(WARMUP), String(SECONDS)]);
   await until(async () => (await vmStates(dir)).some((v) => v.state === 'protected'), 60000, 'the replayed VM to be protected');
+  const c0 = cpuTimes();
   const m = await measured(g, pids);
+  const steal = stealPercent(c0, cpuTimes());
   await stopGen(g);
   await until(async () => (await vmStates(dir)).length === 0, 10000, 'the replayed VM to detach');
   if (m.result.bad) throw new Error(`${label}: ${m.result.bad} bad replies`);
-  return { p50: m.result.rttUs.p50, p99: m.result.rttUs.p99, max: m.result.rttUs.max, n: m.result.replies, eventsPerSec: m.result.eventsPerSec, cpu: m.cpu };
+  return { p50: m.result.rttUs.p50, p99: m.result.rttUs.p99, max: m.result.rttUs.max, n: m.result.replies, eventsPerSec: m.result.eventsPerSec, cpu: m.cpu, stealPercent: steal };
 }
 
 async function main() {
@@ -203,7 +205,7 @@ async function main() {
   say(`   simulator (JavaScript)   ask central                          ${f(viaSim.p50)}  ${f(viaSim.p99)}  ${f(viaSim.max)}   ${viaSim.n}`);
   say(`   —                        raw grpc-js bidi ping-pong, same peer ${f(raw.p50)}  ${f(raw.p99)}  ${f(raw.max)}   ${raw.n}`);
   say(`   CPU during ask central (% of a core): agent ${ask.cpu.agent}, peer ${ask.cpu.peer}, generator ${ask.cpu.generator}; ${Math.round(ask.eventsPerSec)} held events/s, ${deadlines} verdict deadlines missed`);
-  say(`   longest vCPU wait seen by the simulator: ${maxReplyWaitMs} ms`);
+  say(`   longest vCPU wait seen by the simulator: ${maxReplyWaitMs} ms; CPU time stolen by the hypervisor: ${ask.stealPercent} % during ask central, ${local.stealPercent} % during local deny`);
   console.log(JSON.stringify({ bench: 'host-agent-link', short: SHORT, seconds: SECONDS, rounds: ROUNDS, load: { before: load0, after: load1 }, askCentral: ask, localDeny: local, askCentralSimulator: viaSim, rawPingPong: raw, deadlinesMissed: deadlines, maxReplyWaitMs }));
 }
 

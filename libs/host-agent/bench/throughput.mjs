@@ -49,9 +49,8 @@ const progress = (msg) => process.stderr.write(`[agent throughput bench] ${msg}\
 // ---- the analysis peer (child process, count mode) ---------------------------------------------------
 async function peerChild() {
   const { AnalysisPeer } = await import(join(root, 'libs/testing/dist/index.js'));
-  const peer = new AnalysisPeer({ mode: 'count', autoAckDetections: true });
+  const peer = new AnalysisPeer({ mode: 'count', autoAckDetections: true, retain: false });
   await peer.start();
-  setInterval(() => peer.received.splice(0), 1000).unref();
   process.on('message', (m) => {
     if (m === 'counts') process.send?.({ counts: { ...peer.counts } });
   });

@@ -50,6 +50,12 @@ export interface AnalysisPeerOptions {
   autoAckDetections?: boolean;
   /** Called for every reported event the agent is holding (disposition HELD); answer with `peer.verdict`. */
   onHeldEvent?: (event: KvmiEvent, peer: AnalysisPeer) => void;
+  /**
+   * Keep every decoded message in `received` / `connections[i].received` (default true, what tests read).
+   * Benchmarks pass false: a long run would otherwise grow the heap without bound and time the peer's
+   * garbage collector instead of the link.
+   */
+  retain?: boolean;
 }
 
 type Message = NonNullable<LinkRequest['message']>;
@@ -330,8 +336,10 @@ export class AnalysisPeer {
         this.counts.verdictRecords += m.value.records.length;
       }
     }
-    conn.received.push(msg);
-    this.received.push(msg);
+    if (this.opts.retain !== false) {
+      conn.received.push(msg);
+      this.received.push(msg);
+    }
     const m = msg.message;
     if (m?.$case === 'commandResult') {
       const w = this.waiting.get(m.value.correlationId);
