@@ -19,6 +19,7 @@ import { cpus, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import v8 from 'node:v8';
+import { microTimer } from '../../../bench/lib/micro.mjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const lib = await import(join(here, '../dist/index.js'));
@@ -124,23 +125,8 @@ function codecChild() {
     const ns = runs.sort((a, b) => a - b)[2];
     return { msgsPerSec: Math.round(1e9 / ns), nsPerMsg: Math.round(ns * 10) / 10, bytesPerMsg };
   };
-  const measure = (fn) => {
-    const bytes = prepare(fn);
-    const runs = [];
-    for (let r = 0; r < 5; r++) runs.push(timeRun(fn));
-    return result(runs, bytes);
-  };
-  // A path and its baseline timed in alternating runs, so both medians come from the same stretch of a
-  // shared machine's load.
-  const measurePair = (fn, base) => {
-    const bytes = [prepare(fn), prepare(base)];
-    const runs = [[], []];
-    for (let r = 0; r < 5; r++) {
-      runs[0].push(timeRun(fn));
-      runs[1].push(timeRun(base));
-    }
-    return [result(runs[0], bytes[0]), result(runs[1], bytes[1])];
-  };
+  // Five runs each, the median kept; a path and its baseline in alternating runs (bench/lib/micro.mjs).
+  const { measure, measurePair } = microTimer({ prepare, timeRun, result });
   const [toolSideNoReads, rawFrameResult] = measurePair(toolNoReads, rawFrame);
   const out = {
     toolSideNoReads,

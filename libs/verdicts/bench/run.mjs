@@ -22,6 +22,7 @@ import { cpus } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import v8 from 'node:v8';
+import { microTimer } from '../../../bench/lib/micro.mjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const SHORT = process.argv.includes('--short');
@@ -69,23 +70,8 @@ async function child() {
     return Number(process.hrtime.bigint() - t0) / N;
   };
   const result = (runs, bytes) => ({ ns: Math.round(runs.sort((a, b) => a - b)[2] * 10) / 10, bytes });
-  const measure = (fn) => {
-    const bytes = prepare(fn);
-    const runs = [];
-    for (let r = 0; r < 5; r++) runs.push(timeRun(fn));
-    return result(runs, bytes);
-  };
-  // A path and its baseline timed in alternating runs, so both medians come from the same stretch of a
-  // shared machine's load.
-  const measurePair = (fn, base) => {
-    const bytes = [prepare(fn), prepare(base)];
-    const runs = [[], []];
-    for (let r = 0; r < 5; r++) {
-      runs[0].push(timeRun(fn));
-      runs[1].push(timeRun(base));
-    }
-    return [result(runs[0], bytes[0]), result(runs[1], bytes[1])];
-  };
+  // Five runs each, the median kept; a path and its baseline in alternating runs (bench/lib/micro.mjs).
+  const { measure, measurePair } = microTimer({ prepare, timeRun, result });
   // The hand-coded baseline: the shipped rules these four events hit, written out for one frame layout.
   const S = kvmi.structs;
   const EVENT_ID_AT = kvmi.KVMI_MSG_HDR_SIZE + S.kvmi_event_hdr.field('event').offset;
