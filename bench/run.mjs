@@ -229,10 +229,10 @@ async function repeat(samples, pp, usePostgres) {
   }
   if (ONLY.has('B2')) {
     const { r, load } = await step(() => nodeStep('B2', 'libs/host-agent/bench/link.mjs', [], { AGENT_LINK_BENCH_ROUNDS: String(SIZES.linkRounds), AGENT_LINK_BENCH_SECONDS: String(SIZES.link.seconds), AGENT_LINK_BENCH_WARMUP: String(SIZES.link.warmup) }));
-    put('B2.ask-central', pq(r.askCentral), load, { maxUs: r.askCentral.max, events: r.askCentral.n, heldPerSec: Math.round(r.askCentral.eventsPerSec), agentCpuPercent: r.askCentral.cpu.agent, peerCpuPercent: r.askCentral.cpu.peer, deadlinesMissed: r.deadlinesMissed, windowStealPercent: r.askCentral.stealPercent });
+    put('B2.ask-central', pq(r.askCentral), load, { maxUs: r.askCentral.max, events: r.askCentral.n, over1ms: r.askCentral.over1ms, over5ms: r.askCentral.over5ms, heldPerSec: Math.round(r.askCentral.eventsPerSec), agentCpuPercent: r.askCentral.cpu.agent, peerCpuPercent: r.askCentral.cpu.peer, deadlinesMissed: r.deadlinesMissed, windowStealPercent: r.askCentral.stealPercent });
     put('B2.ask-central.simulator', pq(r.askCentralSimulator), load, { maxUs: r.askCentralSimulator.max, maxReplyWaitMs: r.maxReplyWaitMs });
     put('B2.grpc-pingpong', pq(r.rawPingPong), load, { maxUs: r.rawPingPong.max });
-    put('B2.local-deny', pq(r.localDeny), load, { maxUs: r.localDeny.max, events: r.localDeny.n });
+    put('B2.local-deny', pq(r.localDeny), load, { maxUs: r.localDeny.max, events: r.localDeny.n, over1ms: r.localDeny.over1ms, over5ms: r.localDeny.over5ms });
   }
   if (ONLY.has('B3')) {
     const t = SIZES.tput;

@@ -21,3 +21,12 @@ if (stale) {
 }
 console.log('periscope: building (nx run-many -t build)…');
 run(process.execPath, [join(root, 'scripts/nx.mjs'), 'run-many', '-t', 'build']);
+// The embedded database's initdb template (libs/analysis/src/pglite-template.ts): made once per machine and
+// PGlite version, so the demo's analysis and the tests' PGlite databases start without running initdb.
+const { pgliteTemplatePath } = await import('../libs/analysis/dist/pglite-template.js');
+const template = pgliteTemplatePath();
+if (template && !existsSync(template)) {
+  console.log('periscope: preparing the embedded database template (once)…');
+  const { openDb } = await import('../libs/analysis/dist/db.js');
+  await (await openDb('pglite:memory')).close();
+}

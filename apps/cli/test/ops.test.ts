@@ -237,6 +237,28 @@ describe('periscope operator commands (real analysis, host agent and simulator)'
     expect(list.out).toMatch(/^cli-test\s+\d+\s/m);
   }, 60_000);
 
+  it('fleet shows why an agent rejected its local policy (a crash response without --allow-command crash), until fixed', async () => {
+    // The agent runs without --allow-command: a pushed policy with a crash action is rejected whole, the old one stays.
+    writeFileSync(join(dir, 'crash.yaml'), POLICY.replace('syscall-msrs: { action: deny }', 'syscall-msrs: { action: deny, response: crash }'));
+    expect((await cli(['policy', 'apply', join(dir, 'crash.yaml')])).code).toBe(0);
+    const rejected = await until('the agent to reject the policy', async () => {
+      const f = await cli(['fleet']);
+      return /local policy rejected/.test(f.out) ? f : undefined;
+    }, 30_000);
+    expect(rejected.code).toBe(0);
+    expect(rejected.out).toMatch(/^host-t: local policy rejected: .*syscall-msrs.*\(crash\) needs --allow-command crash \(config key "allow-command"\)/m);
+    const fj = await cliJson<{ hosts: { hostId: string; policyState: string; policyError: string }[] }>(['fleet']);
+    expect(fj.hosts.find((h) => h.hostId === 'host-t')).toMatchObject({ policyState: 'rejected', policyError: expect.stringContaining('needs --allow-command crash') });
+    // Back to the deny policy: active again, the line is gone.
+    expect((await cli(['policy', 'apply', join(dir, 'policy.yaml')])).code).toBe(0);
+    const fixed = await until('the agent to install the deny policy', async () => {
+      const h = (await cliJson<{ hosts: { hostId: string; policyState: string }[] }>(['fleet'])).hosts.find((x) => x.hostId === 'host-t');
+      return h?.policyState === 'active' ? true : undefined;
+    }, 30_000);
+    expect(fixed).toBe(true);
+    expect((await cli(['fleet'])).out).not.toMatch(/local policy rejected/);
+  }, 90_000);
+
   it('alerts, alert show and exception add; the attack raises alerts with evidence', async () => {
     // The agent runs the pushed policy: the next LSTAR write is blocked by syscall-msrs/entry.
     const alerts = await until('an alert of the pushed policy', async () => {

@@ -3,6 +3,8 @@
  * localStorage, asked for when the API answers 401) and the live alert stream (server-sent events read
  * with fetch, because EventSource cannot send an Authorization header), resumed after the last seq.
  */
+import type { AlertJson } from '@periscope/analysis/alert-types';
+
 export interface Host {
   hostId: string;
   agentVersion: string;
@@ -45,38 +47,8 @@ export interface VmDetail {
   commands: Record<string, unknown>[];
 }
 
-export interface Alert {
-  id: string;
-  seq: string;
-  state: string;
-  severity: 'info' | 'low' | 'medium' | 'high' | 'critical';
-  title: string;
-  description: string;
-  technique: { id: string; name: string };
-  module: string;
-  ruleId: string;
-  exceptionId: string;
-  policy: { name: string; localId: string; version: string };
-  hostId: string;
-  vm: { uuid: string; name: string };
-  vcpu: number | null;
-  action: string;
-  tier: string;
-  evidence: {
-    attempt: Record<string, unknown>;
-    registers: Record<string, string>;
-    sregs: Record<string, string>;
-    summary: string;
-    attributes: Record<string, string>;
-    session: string;
-    seqs: number[];
-  };
-  count: string;
-  firstSeen: string;
-  lastSeen: string;
-  acknowledgedBy: string;
-  ackComment: string;
-}
+/** An alert as the API sends it: the type analysis's `alertJson` returns, shared (types only, erased). */
+export type Alert = AlertJson;
 
 export class ApiError extends Error {
   constructor(readonly status: number, readonly code: string, message: string) {

@@ -4,9 +4,11 @@
  * both. `int8` columns come back as `bigint` on both drivers (64-bit counters and Unix-ns times never pass
  * through a JS number); `jsonb` comes back parsed.
  */
-import { mkdirSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
 import { AnalysisError } from './errors.js';
-import { lockPgliteDir } from './pglite-lock.js';
+import { lockPgliteDir, PGLITE_LOCK_FILE } from './pglite-lock.js';
+import { discardPgliteTemplate, readPgliteTemplate, savePgliteTemplate } from './pglite-template.js';
 
 export type SqlParam = string | number | bigint | boolean | null | Buffer;
 export type Row = Record<string, unknown>;
@@ -60,12 +62,32 @@ async function openPglite(location: string): Promise<Db> {
   if (location !== 'memory') mkdirSync(location, { recursive: true });
   // One process per directory (PGlite has no lock of its own): a second replica refuses with db-locked.
   const lock = location === 'memory' ? undefined : lockPgliteDir(location);
-  const pg = location === 'memory' ? new PGlite() : new PGlite(location);
+  // A new cluster loads the initdb template when there is one (pglite-template.ts); memory ones write it.
+  const memory = location === 'memory';
+  const template = memory || !existsSync(join(location, 'PG_VERSION')) ? readPgliteTemplate() : undefined;
+  const create = (loadDataDir?: Blob) => {
+    const o = loadDataDir ? { loadDataDir } : {};
+    return memory ? new PGlite(o) : new PGlite(location, o);
+  };
+  let pg = create(template);
   try {
-    await pg.waitReady;
+    try {
+      await pg.waitReady;
+    } catch (e) {
+      if (!template) throw e;
+      discardPgliteTemplate(); // unusable: initdb as before, in an emptied directory (our lock stays)
+      await pg.close().catch(() => undefined);
+      if (!memory) for (const f of readdirSync(location)) if (f !== PGLITE_LOCK_FILE) rmSync(join(location, f), { recursive: true, force: true });
+      pg = create();
+      await pg.waitReady;
+    }
   } catch (e) {
     lock?.release();
     throw e;
+  }
+  if (memory && !template) {
+    const fresh = pg;
+    await savePgliteTemplate(() => fresh.dumpDataDir('gzip'));
   }
   const opts = { parsers: { [INT8]: toBig } };
   type Tx = { query: (sql: string, params?: unknown[], o?: typeof opts) => Promise<{ rows: unknown[] }> };

@@ -60,6 +60,8 @@ export interface HekiVmRecord {
   denials: number;
   stops: number;
   agentDefault: 'reenter' | 'stop';
+  /** The agent applies a STOP_VM completion pushed by analysis (it runs with `--allow-command crash`). */
+  stopAllowed: boolean;
   lastDenial: Record<string, string> | null;
   missingAlertId: string;
 }
@@ -102,6 +104,7 @@ function fromJson(j: Record<string, unknown>): HekiVmRecord {
     pinnedCr4: b('pinnedCr4'),
     firstPinNs: b('firstPinNs'),
     lastPinNs: b('lastPinNs'),
+    stopAllowed: j['stopAllowed'] === true, // rows saved before the field: not known to be allowed
   };
 }
 
@@ -224,6 +227,7 @@ export class HekiTracker {
       denials: Math.max(g.denials, sameBoot ? old.denials : 0),
       stops: Math.max(g.stops, sameBoot ? old.stops : 0),
       agentDefault: g.defaultCompletion === DenialCompletion.DENIAL_COMPLETION_STOP_VM ? 'stop' : 'reenter',
+      stopAllowed: g.analysisStopAllowed,
       lastDenial: sameBoot ? old.lastDenial : null,
       missingAlertId: sameBoot ? old.missingAlertId : '',
     };
@@ -264,7 +268,7 @@ export class HekiTracker {
       // A denial before its registration reached us (cannot happen on one stream, but be safe).
       r = {
         uuid, hostId: s.hostId, name: d.vmName, hostHasHeki: true, configureReasons: [], denialReasons: [], qemuStartTimeMs: d.qemuStartTimeMs, registeredNs: nowNs(),
-        pinnedCr0: 0n, pinnedCr4: 0n, firstPinNs: 0n, lastPinNs: 0n, configureExits: 0, denials: 0, stops: 0, agentDefault: 'reenter', lastDenial: null, missingAlertId: '',
+        pinnedCr0: 0n, pinnedCr4: 0n, firstPinNs: 0n, lastPinNs: 0n, configureExits: 0, denials: 0, stops: 0, agentDefault: 'reenter', stopAllowed: false, lastDenial: null, missingAlertId: '',
       };
       this.vms.set(uuid, r);
     }
@@ -519,6 +523,7 @@ export class HekiTracker {
     const st = statusOf(r);
     const mod = this.moduleFor(r);
     const miss = this.missing(r);
+    const stopRefused = mod?.params.denial === 'stop' && !r.stopAllowed;
     const pinWithin = mod?.params.pinWithinMs ?? 0;
     return {
       uuid: r.uuid,
@@ -540,8 +545,9 @@ export class HekiTracker {
       denials: r.denials,
       stops: r.stops,
       lastDenial: r.lastDenial,
-      denialResponse: mod?.params.denial ?? r.agentDefault,
-      denialResponseFrom: mod ? `policy ${mod.policy}` : 'agent (--heki-denial)',
+      // A stop the agent's allow-list refuses is not what happens: the agent's own completion is.
+      denialResponse: stopRefused || !mod ? r.agentDefault : mod.params.denial,
+      denialResponseFrom: !mod ? 'agent (--heki-denial)' : stopRefused ? `agent (--heki-denial): policy ${mod.policy} asks stop, refused by the agent (needs --allow-command crash)` : `policy ${mod.policy}`,
       expected: mod
         ? {
             policy: mod.policy,

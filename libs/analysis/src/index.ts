@@ -22,6 +22,7 @@ export { MAX_PAGE_ACCESS_BATCH, PROTECTED_ACCESS } from './kci.js';
 export { HealthService, ServingStatus } from '@periscope/contracts';
 export { MemoryService, MemoryRouter, GuestAgentAccess, ReadPhysicalAccess, MemoryAccessError, HOST_LACKS_GET_MAP_TOKEN, DEFAULT_REHASH_SECONDS, KernelIntegrity, parseRanges, type AccessPath, type MemoryAccess, type MemRange, type IntegrityStatus, type IntegrityMismatch, type BreakpointSource, type PlantedByte } from './memory/index.js';
 export { alertJson } from './sinks.js';
+export type { AlertJson, Jsonified } from './alert-types.js';
 export type { WebhookOptions } from './sinks.js';
 export { HekiTracker, HEKI_STATUS_TEXT, CORRELATION_WINDOW_MS, type HekiStatus, type HekiVmRecord } from './heki.js';
 export { validateHekiModule, hekiBitNames, HEKI_CR0_BITS, HEKI_CR4_BITS, type HekiModuleParams, type HekiDenialResponse } from './heki-policy.js';

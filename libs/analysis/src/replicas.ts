@@ -12,10 +12,17 @@
  *   it on `periscope_routed_results`; the caller rethrows an error with its original code. The table is the
  *   truth, NOTIFY only wakes: every replica also sweeps the table on its heartbeat, so a missed notification
  *   (the listening connection dropped) delays an operation by one heartbeat, never loses it. A caller that
- *   times out marks a still-pending request `expired`, so it never runs late.
+ *   times out marks a still-pending request `expired`, so it never runs late. A caller whose owner stops or
+ *   stops heartbeating (`staleAfterMs`) does not wait for its timeout: on its next heartbeat it expires a
+ *   request still pending (not-attached: `runRemote` looks up the owner once more, which the agent may have
+ *   moved to) or fails one the owner had started (link-closed: outcome unknown, see the audit log).
  * - **Alerts.** The replica that ingests an alert publishes it to its own streams and sinks (webhook, JSONL:
  *   exactly once, there) and sends `NOTIFY periscope_alerts` with the alert id; every other replica reads
- *   the stored alert and delivers it to its live streams only (WatchAlerts, `/v1/alerts/stream`).
+ *   the stored alert and delivers it to its live streams only (WatchAlerts, `/v1/alerts/stream`). When this
+ *   replica's listening connection was lost, it catches up on reconnect: alerts stored meanwhile (`seq`
+ *   above the highest it had seen) that it neither ingested nor delivered go to its live streams, in `seq`
+ *   order (a recent-id set keeps each created alert on a stream once). Counts folded into an existing alert
+ *   during the gap are not replayed: the stream shows the alert's next update, the API the stored count.
  * - **Configuration.** Policies, exceptions and labels are stored by whichever replica the operator asked;
  *   `NOTIFY periscope_config` makes the others reload them and push new local policies to their agents.
  *
@@ -64,6 +71,8 @@ export interface ReplicaRouterOptions extends ReplicaTuning {
 
 interface Waiter {
   readonly target: string;
+  readonly name: string;
+  readonly vmUuid: string;
   readonly resolve: (r: JsonObject) => void;
   readonly reject: (e: Error) => void;
 }
@@ -96,7 +105,13 @@ export class ReplicaRouter {
   private alertChain: Promise<void> = Promise.resolve();
   private configChain: Promise<void> = Promise.resolve();
   private notifyChain: Promise<void> = Promise.resolve();
-  readonly stats = { routedOut: 0, routedIn: 0, remoteAlerts: 0, listenReconnects: 0, sweptOps: 0, sweptResults: 0 };
+  readonly stats = { routedOut: 0, routedIn: 0, remoteAlerts: 0, listenReconnects: 0, sweptOps: 0, sweptResults: 0, ownerLost: 0, alertsCaughtUp: 0 };
+  /** Highest alert `seq` this replica has published or delivered (the catch-up point after a lost channel). */
+  private maxAlertSeq = 0n;
+  /** Set when the listening connection is lost: catch up on alerts above this `seq` once it is back. */
+  private alertGapFromSeq: bigint | undefined;
+  /** Created alerts recently on this replica's live streams (own or delivered), so none is delivered twice. */
+  private readonly recentAlerts = new Set<string>();
 
   private constructor(private readonly o: ReplicaRouterOptions) {
     this.replicaId = o.replicaId;
@@ -109,6 +124,8 @@ export class ReplicaRouter {
   static async start(o: ReplicaRouterOptions): Promise<ReplicaRouter> {
     const r = new ReplicaRouter(o);
     await r.claimReplicaId();
+    const top = await o.db.query<{ seq: string | null }>('SELECT max(seq)::text AS seq FROM alerts');
+    r.maxAlertSeq = BigInt(top[0]?.seq ?? '0');
     await r.listen();
     r.heartbeat = setInterval(() => void r.tick(), r.heartbeatMs);
     r.heartbeat.unref();
@@ -136,6 +153,7 @@ export class ReplicaRouter {
   /** An alert this replica ingested (and published locally): tell the other replicas. */
   alertPublished(alert: AlertRecord, outcome: 'created' | 'folded'): void {
     if (this.stopping) return;
+    this.sawAlert(alert, outcome);
     const payload = JSON.stringify({ alert: alert.id, outcome, from: this.replicaId });
     // One chain: the others see this replica's alerts in the order it published them.
     this.notifyChain = this.notifyChain
@@ -203,7 +221,7 @@ export class ReplicaRouter {
   private async route(target: string, vmUuid: string, name: string, args: JsonObject, by: string): Promise<JsonObject> {
     if (this.stopping) throw new AnalysisError('link-closed', `replica ${this.replicaId} is stopping`);
     const id = randomUUID();
-    const done = new Promise<JsonObject>((resolve, reject) => this.waiters.set(id, { target, resolve, reject }));
+    const done = new Promise<JsonObject>((resolve, reject) => this.waiters.set(id, { target, name, vmUuid, resolve, reject }));
     this.stats.routedOut++;
     try {
       await this.o.db.transaction(async (tx) => {
@@ -237,6 +255,37 @@ export class ReplicaRouter {
     const settled = await this.settleFromTable([id]);
     if (settled) return settled; // finished just now
     throw new AnalysisError('command-timeout', `replica ${target} started ${name} on VM ${vmUuid} but gave no result within ${this.routeTimeoutMs} ms`);
+  }
+
+  /**
+   * Waiters whose owner replica stopped or stopped heartbeating: fail them now, not at the route timeout. A
+   * request still pending is expired first (it never runs late); one the owner started has an unknown outcome.
+   */
+  private async failOwnerLost(): Promise<void> {
+    const targets = [...new Set([...this.waiters.values()].map((w) => w.target))];
+    const rows = await this.o.db.query<{ replica_id: string; stopped: boolean; alive: boolean; age_s: string | number }>(
+      `SELECT replica_id, stopped, (now() - heartbeat_at) < make_interval(secs => $2::float8) AS alive, extract(epoch FROM now() - heartbeat_at) AS age_s
+         FROM replicas WHERE replica_id = ANY($1::text[])`,
+      [`{${targets.map((t) => `"${t}"`).join(',')}}`, this.staleAfterMs / 1000],
+    );
+    const lost = new Map<string, string>();
+    for (const r of rows) if (r.stopped || !r.alive) lost.set(r.replica_id, r.stopped ? 'stopped' : `stopped responding (last heartbeat ${Math.round(Number(r.age_s))} s ago)`);
+    if (!lost.size) return;
+    for (const [id, w] of [...this.waiters]) {
+      const why = lost.get(w.target);
+      if (!why) continue;
+      const expired = await this.o.db.query(`UPDATE routed_operations SET state = 'expired', done_at = now() WHERE op_id = $1 AND state = 'pending' RETURNING op_id`, [id]);
+      if (!this.waiters.has(id)) continue; // settled meanwhile
+      if (!expired.length && (await this.settleFromTable([id]))) continue; // it finished after all
+      this.waiters.delete(id);
+      this.stats.ownerLost++;
+      this.o.log('warn', 'routed operation failed: its owner replica is gone', { op: id, name: w.name, vm: w.vmUuid, owner: w.target, started: !expired.length });
+      w.reject(
+        expired.length
+          ? new AnalysisError('not-attached', `replica ${w.target} (owner of VM ${w.vmUuid}) ${why} before taking ${w.name}; it will not run`)
+          : new AnalysisError('link-closed', `replica ${w.target} (owner of VM ${w.vmUuid}) ${why} while running ${w.name}: its outcome is unknown (see the audit log)`),
+      );
+    }
   }
 
   /** Settle waiters whose rows are finished. Returns, for a single id, the promise of its outcome. */
@@ -325,9 +374,11 @@ export class ReplicaRouter {
       if (m['from'] === this.replicaId || typeof alertId !== 'string' || (outcome !== 'created' && outcome !== 'folded')) return;
       this.alertChain = this.alertChain.then(async () => {
         try {
+          if (outcome === 'created' && this.recentAlerts.has(alertId)) return; // caught up already
           const alert = await this.o.store.getAlert(alertId, false);
           if (!alert) return;
           this.stats.remoteAlerts++;
+          this.sawAlert(alert, outcome);
           this.o.deliverAlert(alert, outcome);
         } catch (e) {
           this.o.log('warn', 'alert from another replica not read', { alert: alertId, error: (e as Error).message });
@@ -336,15 +387,49 @@ export class ReplicaRouter {
     }
   }
 
+  private sawAlert(alert: AlertRecord, outcome: 'created' | 'folded'): void {
+    if (alert.seq > this.maxAlertSeq) this.maxAlertSeq = alert.seq;
+    if (outcome !== 'created') return;
+    this.recentAlerts.add(alert.id);
+    if (this.recentAlerts.size > 4096) this.recentAlerts.delete(this.recentAlerts.values().next().value!);
+  }
+
+  /** The listening connection is back: alerts other replicas stored while it was down, to the live streams. */
+  private catchUpAlerts(): void {
+    const from = this.alertGapFromSeq;
+    if (from === undefined) return;
+    this.alertChain = this.alertChain.then(async () => {
+      try {
+        const rows = await this.o.db.query<{ alert_id: string }>('SELECT alert_id FROM alerts WHERE seq > $1 ORDER BY seq LIMIT 10000', [from.toString()]);
+        let n = 0;
+        for (const r of rows) {
+          if (this.recentAlerts.has(r.alert_id)) continue;
+          const alert = await this.o.store.getAlert(r.alert_id, false);
+          if (!alert) continue;
+          this.sawAlert(alert, 'created');
+          this.o.deliverAlert(alert, 'created');
+          n++;
+        }
+        this.stats.alertsCaughtUp += n;
+        if (this.alertGapFromSeq === from) this.alertGapFromSeq = undefined;
+        if (n) this.o.log('info', 'alerts stored by other replicas while the notification channel was down: delivered to the live streams', { alerts: n });
+      } catch (e) {
+        this.o.log('warn', 'alerts missed while the notification channel was down: catch-up failed, retried at the next reconnect', { error: (e as Error).message });
+      }
+    });
+  }
+
   private async listen(): Promise<void> {
-    const c = new pg.Client({ connectionString: this.o.connectionString });
+    // Named, so an operator can find it in pg_stat_activity.
+    const c = new pg.Client({ connectionString: this.o.connectionString, application_name: `periscope-notify:${this.replicaId}` });
     c.on('notification', (n) => this.onNotification(n.channel, n.payload));
     const lost = (why: string) => {
       if (this.listener !== c) return;
       this.listener = undefined;
       c.end().catch(() => undefined);
       if (this.stopping) return;
-      this.o.log('warn', 'replica notification channel lost: reconnecting (routed operations and results are swept from the table meanwhile)', { error: why });
+      this.alertGapFromSeq ??= this.maxAlertSeq;
+      this.o.log('warn', 'replica notification channel lost: reconnecting (routed operations and results are swept from the table meanwhile, alerts caught up after)', { error: why });
       this.scheduleListen();
     };
     c.on('error', (e) => lost(e.message));
@@ -368,6 +453,7 @@ export class ReplicaRouter {
         () => {
           this.stats.listenReconnects++;
           this.o.log('info', 'replica notification channel back');
+          this.catchUpAlerts();
           void this.tick();
         },
         (e: unknown) => {
@@ -428,6 +514,7 @@ export class ReplicaRouter {
         await this.settleFromTable(waiting);
         this.stats.sweptResults += before - this.waiters.size;
       }
+      if (this.waiters.size) await this.failOwnerLost();
       if (++this.ticks % 60 === 0) {
         await this.o.db.query(`DELETE FROM routed_operations WHERE created_at < now() - interval '1 hour'`);
       }

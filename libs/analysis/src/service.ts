@@ -268,6 +268,13 @@ export class Analysis implements LinkHandler {
     });
     this.replicas = router;
     this.operations.setRemote(router.runRemote);
+    const r = this.registry;
+    const st = router.stats;
+    r.counter('periscope_analysis_routed_operations_total', 'operations this replica routed to the owner of a VM').track(() => st.routedOut);
+    r.counter('periscope_analysis_routed_owner_lost_total', 'routed operations failed early: the owner replica stopped or lost its heartbeat').track(() => st.ownerLost);
+    r.counter('periscope_analysis_remote_alerts_total', 'alerts other replicas ingested, delivered to this replica\'s live streams').track(() => st.remoteAlerts);
+    r.counter('periscope_analysis_alerts_caught_up_total', 'alerts delivered to the live streams after the notification channel came back').track(() => st.alertsCaughtUp);
+    r.counter('periscope_analysis_notify_reconnects_total', 'notification channel (LISTEN) reconnects').track(() => st.listenReconnects);
   }
 
   log(level: LogLevel, msg: string, fields?: Record<string, unknown>): void {

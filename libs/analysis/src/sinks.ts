@@ -4,7 +4,7 @@
  * the oldest queued alerts beyond `maxQueue` and counts them.
  */
 import { appendFile } from 'node:fs/promises';
-import type { AlertRecord } from './store.js';
+import type { AlertJson, AlertRecord } from './alert-types.js';
 
 export interface WebhookOptions {
   readonly url: string;
@@ -22,9 +22,9 @@ type Log = (level: 'debug' | 'info' | 'warn' | 'error', msg: string, fields?: Re
 export const jsonReplacer = (_k: string, v: unknown): unknown => (typeof v === 'bigint' ? v.toString() : v);
 
 /** The alert as the API and the sinks show it (Unix-ns times as decimal strings, ISO times added). */
-export function alertJson(a: AlertRecord): Record<string, unknown> {
+export function alertJson(a: AlertRecord): AlertJson {
   const iso = (ns: bigint) => new Date(Number(ns / 1_000_000n)).toISOString();
-  return JSON.parse(JSON.stringify({ ...a, firstSeen: iso(a.firstSeenNs), lastSeen: iso(a.lastSeenNs) }, jsonReplacer)) as Record<string, unknown>;
+  return JSON.parse(JSON.stringify({ ...a, firstSeen: iso(a.firstSeenNs), lastSeen: iso(a.lastSeenNs) }, jsonReplacer)) as AlertJson;
 }
 
 export class AlertSinks {

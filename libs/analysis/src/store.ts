@@ -8,7 +8,9 @@ import { AnalysisError } from './errors.js';
 import { specFromJson, specToJson, specDigest, type PolicySpec } from './policy.js';
 import type { ExceptionSpec } from './modules.js';
 
-export type SeverityName = 'info' | 'low' | 'medium' | 'high' | 'critical';
+import type { AlertEvidence, AlertRecord, SeverityName } from './alert-types.js';
+
+export type { AlertEvidence, AlertRecord, SeverityName } from './alert-types.js';
 export const SEVERITY_NAMES: readonly SeverityName[] = ['info', 'low', 'medium', 'high', 'critical'];
 export const severityNumber = (s: SeverityName): number => SEVERITY_NAMES.indexOf(s) + 1;
 export const severityName = (n: number): SeverityName => SEVERITY_NAMES[Math.min(Math.max(n, 1), 5) - 1]!;
@@ -51,45 +53,6 @@ export interface VmRecord {
   detachedNs: bigint;
   detachReason: string;
   lastSeenNs: bigint;
-}
-
-export interface AlertEvidence {
-  /** What was attempted: the event kind and its data (64-bit values as 0x-hex). */
-  attempt: Record<string, unknown>;
-  registers: Record<string, string>;
-  sregs: Record<string, string>;
-  summary: string;
-  attributes: Record<string, string>;
-  session: string;
-  seqs: number[];
-}
-
-export interface AlertRecord {
-  id: string;
-  seq: bigint;
-  state: 'open' | 'acknowledged' | 'resolved';
-  severity: SeverityName;
-  title: string;
-  description: string;
-  technique: { id: string; name: string };
-  module: string;
-  ruleId: string;
-  exceptionId: string;
-  policy: { name: string; localId: string; version: bigint };
-  hostId: string;
-  vm: { uuid: string; name: string };
-  vcpu: number | null;
-  action: string;
-  tier: string;
-  evidence: AlertEvidence;
-  count: bigint;
-  firstSeenNs: bigint;
-  lastSeenNs: bigint;
-  createdNs: bigint;
-  acknowledgedBy: string;
-  acknowledgedNs: bigint;
-  ackComment: string;
-  detectionIds?: string[];
 }
 
 /** What ingest computes for a detection before storing it. */

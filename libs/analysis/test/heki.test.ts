@@ -77,14 +77,16 @@ let base = '';
 let dir = '';
 let main: Agent;
 let old: Agent;
+/** An agent without `--allow-command crash`: analysis cannot make its Heki denials stop a VM. */
+let strict: Agent;
 const cleanups: (() => Promise<void> | void)[] = [];
 
-async function startAgent(hostId: string): Promise<Agent> {
+async function startAgent(hostId: string, allowCommands: string[] = ['crash']): Promise<Agent> {
   const kvmi = join(dir, `${hostId}-kvmi.sock`);
   const heki = join(dir, `${hostId}-heki.sock`);
   const agent = new HostAgent({
     hostId, kvmiPaths: [kvmi], cookies: parseCookies(Buffer.from('s')), policy: BOOTSTRAP, log: () => undefined, hekiListen: heki,
-    link: { address: `127.0.0.1:${a.grpcPort}`, backoff: { initialMs: 20, maxMs: 200 } },
+    link: { address: `127.0.0.1:${a.grpcPort}`, backoff: { initialMs: 20, maxMs: 200 }, allowCommands },
   });
   await agent.start();
   cleanups.push(() => agent.stop(300));
@@ -138,6 +140,7 @@ beforeAll(async () => {
   for (const p of POLICIES) await a.applyPolicy(p);
   main = await startAgent('heki-host');
   old = await startAgent('old-host');
+  strict = await startAgent('strict-host', []);
 }, 60_000);
 
 afterAll(async () => {
@@ -253,6 +256,31 @@ describe('violations', () => {
     const [al] = await alertsOf(vm.uuidText);
     expect(al).toMatchObject({ module: 'heki', ruleId: 'heki-stop/heki/cr0', technique: { id: 'T1562' }, action: 'heki: VM stopped', tier: 'central' });
     expect(await fleetVm(vm.uuidText)).toMatchObject({ status: 'stopped', statusText: 'stopped after a Heki violation', stops: 1, denialResponse: 'stop' });
+  });
+
+  it('without --allow-command crash the agent refuses the pushed stop: the guest gets #GP, the VM runs on, the refusal is visible', async () => {
+    const { vm, vmm } = await startVm(strict, 'stop-refused', { seed: 31 });
+    const heki = strict.agent.link!.heki!;
+    await until(() => heki.stats.stopRefused >= 1, 10_000, 'the stop policy refused at the agent');
+    expect(heki.completionFor(vm.uuidText)).toBeUndefined();
+    expect(strict.agent.registry.render()).toMatch(/^periscope_agent_heki_stop_refused_total [1-9]/m);
+    const c = vm.vcpus[0]!;
+    await hekiGuestInit(c);
+    const cr0 = c.cpu.sregs.cr0;
+    expect((await c.writeCr(0, cr0 & ~WP)).outcome).toBe('gp');
+    expect(vm.stopped).toBeFalsy();
+    expect(c.cpu.sregs.cr0).toBe(cr0);
+    expect(vmm.stats.stops).toBe(0);
+    expect((await c.writeCr(4, c.cpu.sregs.cr4 | UMIP)).outcome).toBe('completed'); // the vCPU runs on
+    await until(async () => (await alertsOf(vm.uuidText)).length === 1, 10_000, 'violation alert');
+    const [al] = await alertsOf(vm.uuidText);
+    expect(al).toMatchObject({ module: 'heki', action: 'heki: #GP injected (re-enter)' });
+    expect(await fleetVm(vm.uuidText)).toMatchObject({
+      stops: 0, denials: 1, denialResponse: 'reenter',
+      denialResponseFrom: 'agent (--heki-denial): policy heki-stop asks stop, refused by the agent (needs --allow-command crash)',
+    });
+    // The agent that allows it says so at registration; this one does not.
+    expect(a.heki.vm(vm.uuidText)?.stopAllowed).toBe(false);
   });
 });
 

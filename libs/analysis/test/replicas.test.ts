@@ -309,6 +309,42 @@ describe.skipIf(!PG_UP)('two replicas on one PostgreSQL (in process)', () => {
     expect(linesOf(join(dir, 'a.jsonl'))).toEqual([]);
   }, 40_000);
 
+  it('A\'s notification channel lost: on reconnect the alerts stored meanwhile reach its live stream, once', async () => {
+    const stream = jsonlStream(`http://${a.httpAddress}/v1/alerts/stream?format=jsonl`);
+    closers.push(stream.close);
+    await sleep(300); // the stream registered
+    // An alert stored with no NOTIFY (as one stored by B while A was not listening would be missed)…
+    const ns = BigInt(Date.now()) * 1_000_000n;
+    await b.db.query(
+      `INSERT INTO alerts (alert_id, dedup_key, severity, title, host_id, vm_uuid, vm_name, first_seen_ns, last_seen_ns, created_ns)
+       VALUES ('missed-while-down', 'test/missed', 3, 'Detected: stored while A was not listening', 'host-on-b', $1, 'host-on-b-vm', $2, $2, $2)`,
+      [onB.vm.uuidText, ns.toString()],
+    );
+    // …then A's listening connection dies (PostgreSQL restart, network): A reconnects and catches up.
+    const killed = await b.db.query<{ ok: boolean }>(`SELECT pg_terminate_backend(pid) AS ok FROM pg_stat_activity WHERE application_name = 'periscope-notify:replica-a'`);
+    expect(killed).toEqual([{ ok: true }]);
+    const ofIt = () => stream.lines.filter((l) => (l['alert'] as { id: string }).id === 'missed-while-down');
+    await until(() => ofIt().length > 0, 15_000, 'A\'s live stream shows the alert stored while it was not listening');
+    expect(ofIt()[0]).toMatchObject({ outcome: 'created', alert: { title: 'Detected: stored while A was not listening', hostId: 'host-on-b' } });
+    const metrics = await new Promise<string>((resolve, reject) => {
+      httpGet(`http://${a.httpAddress}/metrics`, (r) => {
+        let body = '';
+        r.setEncoding('utf8');
+        r.on('data', (c: string) => (body += c));
+        r.on('end', () => resolve(body));
+      }).on('error', reject);
+    });
+    expect(metrics).toMatch(/^periscope_analysis_alerts_caught_up_total [1-9]\d*$/m);
+    expect(metrics).toMatch(/^periscope_analysis_notify_reconnects_total [1-9]\d*$/m);
+    // A new alert through B after the reconnect arrives by NOTIFY as before, and nothing is delivered twice.
+    const report = await runScenario(onB.vm, LSTAR_WRITE);
+    expect(report.expectations.filter((x) => !x.ok)).toEqual([]);
+    await sleep(1000);
+    expect(ofIt()).toHaveLength(1);
+    const ids = stream.lines.filter((l) => l['outcome'] === 'created').map((l) => (l['alert'] as { id: string }).id);
+    expect(new Set(ids).size).toBe(ids.length);
+  }, 40_000);
+
   it('labels set through A reach the VM live on B', async () => {
     const r = await http(`http://${a.httpAddress}`, `/v1/vms/${onB.vm.uuidText}/labels`, { method: 'PUT', body: JSON.stringify({ labels: { tier: 'web' } }), headers: { 'content-type': 'application/json' } });
     expect(r.status).toBe(200);
@@ -440,4 +476,64 @@ describe.skipIf(!PG_UP)('a replica killed mid-run (real processes)', () => {
       hosts.map((h) => [h.hostId, 'replica-1', true]),
     );
   }, 240_000);
+});
+
+// ------------------------------------------------------------------------------------------------ an owner that stops responding
+
+describe.skipIf(!PG_UP)('a routed operation whose owner replica stops responding (SIGSTOP, real process)', () => {
+  let db: { url: string; drop: () => Promise<void> };
+  let policyDir = '';
+  let owner: ReplicaProcess | undefined;
+  let caller: Analysis | undefined;
+  let host: SimHost | undefined;
+
+  beforeAll(async () => {
+    db = await freshPostgresDatabase();
+    policyDir = mkdtempSync(join(tmpdir(), 'an-rep-stop-'));
+    writeFileSync(join(policyDir, 'fleet-default.yaml'), POLICY_ALL);
+  });
+
+  afterAll(async () => {
+    owner?.child.kill('SIGCONT');
+    await host?.stop();
+    await caller?.stop();
+    owner?.child.kill('SIGKILL');
+    if (policyDir) rmSync(policyDir, { recursive: true, force: true });
+    await db?.drop();
+  });
+
+  it('the caller fails on the owner\'s lost heartbeat with a clear not-attached error, not its route timeout; the request never runs late', async () => {
+    owner = await startReplicaProcess('replica-frozen', db.url, policyDir);
+    // The caller's route timeout is far longer than the test: only noticing the lost owner can end the call.
+    caller = await Analysis.start({
+      db: db.url, grpcListen: '127.0.0.1:0', httpListen: '127.0.0.1:0', replicaId: 'replica-caller', keepaliveMs: 200, flushMs: 100,
+      replicas: { heartbeatMs: 200, staleAfterMs: 5000, routeTimeoutMs: 120_000 },
+    });
+    host = await startHost('host-frozen', owner.grpc, 50); // only the owner's address: its agent cannot move
+    const vm = host.vm;
+    await until(async () => {
+      const v = await http(`http://${owner!.http}`, `/v1/vms/${vm.uuidText}`).catch(() => undefined);
+      return ((v?.body['vm'] as { protection?: Record<string, string> } | undefined)?.protection?.['kernel-code-integrity'] ?? '').startsWith('protected');
+    }, 60_000, 'the VM protected through its owner');
+
+    owner.child.kill('SIGSTOP');
+    const failure = await caller.operations.run(vm.uuidText, 'pause', {}, 'ops').then(
+      () => new Error('the pause succeeded through a stopped owner'),
+      (e: unknown) => e as Error,
+    );
+    expect(isAnalysisError(failure, 'not-attached'), String(failure)).toBe(true);
+    expect(failure.message).toMatch(/replica-frozen.*(stopped responding|is not responding) \(last heartbeat \d+ s ago\)/);
+    const rows = await caller.db.query<{ name: string; state: string }>('SELECT name, state FROM routed_operations WHERE vm_uuid = $1', [vm.uuidText]);
+    expect(rows).toEqual([{ name: 'pause', state: 'expired' }]);
+
+    // The owner wakes up: it must not run the expired request (the guest is never paused behind the caller's back).
+    owner.child.kill('SIGCONT');
+    await until(async () => {
+      const h = await http(`http://${owner!.http}`, '/v1/hosts').catch(() => undefined);
+      return h?.status === 200;
+    }, 30_000, 'the owner answering again');
+    await sleep(1500); // several of the owner's sweeps (1 s heartbeat)
+    expect(vm.vcpus.some((c) => c.waitingFor?.event === 'PAUSE')).toBe(false);
+    expect(await caller.db.query<{ state: string }>('SELECT state FROM routed_operations WHERE vm_uuid = $1', [vm.uuidText])).toEqual([{ state: 'expired' }]);
+  }, 120_000);
 });

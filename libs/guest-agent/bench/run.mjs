@@ -184,8 +184,10 @@ async function main() {
   say(`\nGuest agent benchmark — SHA-256 per 4 KiB page of ${MIB} MiB of guest memory; ${cpus()[0]?.model ?? 'cpu'} × ${cpus().length}, node ${process.version}; median of ${ROUNDS}`);
   say('   path                                            seconds   MiB/s   vs read');
   say(`   VM_READ_PHYSICAL (${WINDOW} in flight)                  ${read.toFixed(3).padStart(7)}  ${mibs(read)}     1.0×`);
-  say(`   ABI v2 cold (${v2.tokensPerRound} tokens, ${v2.tokensPerRound} map calls)        ${v2.cold.toFixed(3).padStart(7)}  ${mibs(v2.cold)}  ${ratio(v2.cold)}   (target ≥ 10×)`);
-  say(`   ABI v2 warm                                     ${v2.warm.toFixed(3).padStart(7)}  ${mibs(v2.warm)}  ${ratio(v2.warm)}   (target ≥ 10×)`);
+  say(`   ABI v2 cold (${v2.tokensPerRound} tokens, ${v2.tokensPerRound} map calls)        ${v2.cold.toFixed(3).padStart(7)}  ${mibs(v2.cold)}  ${ratio(v2.cold)}`);
+  say(`   ABI v2 warm                                     ${v2.warm.toFixed(3).padStart(7)}  ${mibs(v2.warm)}  ${ratio(v2.warm)}`);
+  say('   (no analysis hop: the read path here is far faster than through analysis and the host agent; the ≥ 10× target of');
+  say('   issue #10 is defined on the analysis path, the suite\'s B4.v2-cold / B4.v2-warm: libs/analysis/bench/memory.mjs)');
   if (v1) {
     say(`   ABI v1 cold (${v1.tokensPerRound} tokens, one per page)     ${v1.cold.toFixed(3).padStart(7)}  ${mibs(v1.cold)}  ${ratio(v1.cold)}`);
     say(`   ABI v1 warm                                     ${v1.warm.toFixed(3).padStart(7)}  ${mibs(v1.warm)}  ${ratio(v1.warm)}`);

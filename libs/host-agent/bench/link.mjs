@@ -105,7 +105,7 @@ async function cPhase(bin, dir, tmpl, pids, label) {
   await stopGen(g);
   await until(async () => (await vmStates(dir)).length === 0, 10000, 'the replayed VM to detach');
   if (m.result.bad) throw new Error(`${label}: ${m.result.bad} bad replies`);
-  return { p50: m.result.rttUs.p50, p99: m.result.rttUs.p99, max: m.result.rttUs.max, n: m.result.replies, eventsPerSec: m.result.eventsPerSec, cpu: m.cpu, stealPercent: steal };
+  return { p50: m.result.rttUs.p50, p99: m.result.rttUs.p99, max: m.result.rttUs.max, over1ms: m.result.over1ms, over5ms: m.result.over5ms, slow: m.result.slow, n: m.result.replies, eventsPerSec: m.result.eventsPerSec, cpu: m.cpu, stealPercent: steal };
 }
 
 async function main() {
@@ -205,6 +205,10 @@ async function main() {
   say(`   simulator (JavaScript)   ask central                          ${f(viaSim.p50)}  ${f(viaSim.p99)}  ${f(viaSim.max)}   ${viaSim.n}`);
   say(`   —                        raw grpc-js bidi ping-pong, same peer ${f(raw.p50)}  ${f(raw.p99)}  ${f(raw.max)}   ${raw.n}`);
   say(`   CPU during ask central (% of a core): agent ${ask.cpu.agent}, peer ${ask.cpu.peer}, generator ${ask.cpu.generator}; ${Math.round(ask.eventsPerSec)} held events/s, ${deadlines} verdict deadlines missed`);
+  const slowList = (x) => x.slow.map((e) => `${Math.round(e.us / 100) / 10} ms at +${Math.round(e.atMs)} ms`).join(', ');
+  say(`   replies over 1 ms / over 5 ms (C side): ask central ${ask.over1ms} / ${ask.over5ms}, local deny ${local.over1ms} / ${local.over5ms}`);
+  if (ask.slow.length) say(`   first slow ask-central replies (wait, when after the window opened): ${slowList(ask)}`);
+  if (local.slow.length) say(`   first slow local-deny replies: ${slowList(local)}`);
   say(`   longest vCPU wait seen by the simulator: ${maxReplyWaitMs} ms; CPU time stolen by the hypervisor: ${ask.stealPercent} % during ask central, ${local.stealPercent} % during local deny`);
   console.log(JSON.stringify({ bench: 'host-agent-link', short: SHORT, seconds: SECONDS, rounds: ROUNDS, load: { before: load0, after: load1 }, askCentral: ask, localDeny: local, askCentralSimulator: viaSim, rawPingPong: raw, deadlinesMissed: deadlines, maxReplyWaitMs }));
 }

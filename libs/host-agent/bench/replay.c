@@ -183,7 +183,13 @@ static int *out_head, *out_n, *cursor;
 static int running, measuring;
 static uint64_t replies, sent, cmds, bad;
 static uint32_t *hist;
-static double loop_now;
+static double loop_now, measure_t0;
+/* Slow replies (over 1 ms): counted, and the first few kept with when they happened, so a tail can be
+   matched to what else the machine did at that moment (GC, timers, steal). */
+#define SLOW_KEEP 16
+static uint64_t over_1ms, over_5ms;
+static int n_slow;
+static double slow_at_ms[SLOW_KEEP], slow_us[SLOW_KEEP];
 
 static void send_event(int vm, int vcpu) {
   conn *c = &conns[vm];
@@ -220,6 +226,11 @@ static void on_frame(int vm, const uint8_t *f, uint32_t size) {
       replies++;
       double us = (loop_now - t) * 1e6;
       hist[us < HIST_US - 1 ? (int)us : HIST_US - 1]++;
+      if (us > 1000) {
+        over_1ms++;
+        if (us > 5000) over_5ms++;
+        if (n_slow < SLOW_KEEP) { slow_at_ms[n_slow] = (t - measure_t0) * 1e3; slow_us[n_slow++] = us; }
+      }
     }
     if (running) send_event(vm, vcpu);
     return;
@@ -274,11 +285,13 @@ static uint64_t pct(uint64_t total, double p) {
 static void print_result(double secs, uint64_t sent_n, int raw) {
   printf("{\"vms\":%d,\"vcpus\":%d,\"streams\":%d,\"inflight\":%d,\"templates\":%d,\"raw\":%s,\"seconds\":%.3f,"
          "\"replies\":%llu,\"sent\":%llu,\"eventsPerSec\":%.0f,\"bad\":%llu,\"commands\":%llu,"
-         "\"rttUs\":{\"p50\":%llu,\"p99\":%llu,\"max\":%llu}}\n",
+         "\"rttUs\":{\"p50\":%llu,\"p99\":%llu,\"max\":%llu},\"over1ms\":%llu,\"over5ms\":%llu,\"slow\":[",
          VMS, VCPUS, VMS * VCPUS, INFLIGHT, n_ev, raw ? "true" : "false", secs, (unsigned long long)replies,
          (unsigned long long)sent_n, (double)replies / secs, (unsigned long long)bad,
          (unsigned long long)cmds, (unsigned long long)pct(replies, 0.5), (unsigned long long)pct(replies, 0.99),
-         (unsigned long long)pct(replies, 0.999999));
+         (unsigned long long)pct(replies, 0.999999), (unsigned long long)over_1ms, (unsigned long long)over_5ms);
+  for (int i = 0; i < n_slow; i++) printf("%s{\"atMs\":%.1f,\"us\":%.0f}", i ? "," : "", slow_at_ms[i], slow_us[i]);
+  printf("]}\n");
   fflush(stdout);
 }
 
@@ -337,6 +350,7 @@ static int gen(int argc, char **argv) {
     if (running && !measuring && loop_now - t_start >= warmup) {
       measuring = 1;
       t_measure = loop_now;
+      measure_t0 = loop_now;
       sent_at_measure = sent;
       printf("measure\n");
       fflush(stdout);

@@ -192,6 +192,8 @@ export class HostAgent {
     r.gauge('periscope_agent_verdicts_late_total', 'central verdicts dropped: late, unknown or for an old session').track(() => h.late);
     r.gauge('periscope_agent_commands_total', 'commands from analysis executed').track(() => link.commands.stats.executed);
     r.gauge('periscope_agent_commands_refused_total', 'commands refused by the agent allow-list').track(() => link.commands.stats.refused);
+    const heki = link.heki;
+    if (heki) r.gauge('periscope_agent_heki_stop_refused_total', 'Heki STOP_VM completions pushed by analysis and refused by the allow-list (needs --allow-command crash), per VM and update').track(() => heki.stats.stopRefused);
     r.gauge('periscope_agent_vms_paused', 'VMs paused by analysis (persisted)').track(() => link.pauses.size);
     const w = link.writes.stats;
     const bp = r.gauge('periscope_agent_analysis_breakpoints_total', "breakpoint events answered by the agent for analysis's tracing, by outcome (docs/tracing.md)");

@@ -38,7 +38,7 @@ import { AnalysisProcess } from './analysis-process.js';
 import { LOCAL_DEADLINE_MS } from './analysis-kill.js';
 import { CR_PINNING_POLICY } from './attack-fleet.js';
 import { freeLoopbackPort } from './private-postgres.js';
-import { sleep, waitFor, withTimeout } from './wait.js';
+import { pollAsync, sleep, waitFor, withTimeout } from './wait.js';
 
 const CR0_WP = 1n << 16n;
 const CR4_PGE = 1n << 7n;
@@ -576,15 +576,6 @@ function readProbe(file: string): number {
   } catch {
     return -1;
   }
-}
-
-async function pollAsync(cond: () => Promise<boolean>, ms: number): Promise<boolean> {
-  const t0 = Date.now();
-  while (Date.now() - t0 < ms) {
-    if (await cond()) return true;
-    await sleep(50);
-  }
-  return false;
 }
 
 const sum = <T>(xs: readonly T[], f: (x: T) => number): number => xs.reduce((n, x) => n + f(x), 0);

@@ -19,7 +19,7 @@ import { openDb } from '@periscope/analysis';
 import { AnalysisProcess } from './analysis-process.js';
 import { AttackFleet, checkAlertLedger, CR_PINNING_POLICY, type AlertLedgerCheck } from './attack-fleet.js';
 import { freeLoopbackPort, PrivatePostgres, type PostgresInstall } from './private-postgres.js';
-import { sleep, waitFor } from './wait.js';
+import { pollAsync, sleep, waitFor } from './wait.js';
 
 /** The compiled local policy's ask-central ceiling (analysis/modules.ts): the longest a verdict may take. */
 export const LOCAL_DEADLINE_MS = 20;
@@ -158,11 +158,3 @@ export async function runAnalysisKill(opts: AnalysisKillOptions): Promise<Analys
   };
 }
 
-async function pollAsync(cond: () => Promise<boolean>, ms: number): Promise<boolean> {
-  const t0 = Date.now();
-  while (Date.now() - t0 < ms) {
-    if (await cond()) return true;
-    await sleep(50);
-  }
-  return false;
-}

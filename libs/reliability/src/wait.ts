@@ -12,6 +12,16 @@ export async function waitFor(cond: () => boolean, ms: number): Promise<boolean>
   return true;
 }
 
+/** `cond` (asynchronous) polled every 50 ms until true or `ms` pass. */
+export async function pollAsync(cond: () => Promise<boolean>, ms: number): Promise<boolean> {
+  const t0 = Date.now();
+  while (Date.now() - t0 < ms) {
+    if (await cond()) return true;
+    await sleep(50);
+  }
+  return false;
+}
+
 export async function withTimeout<T>(p: Promise<T>, ms: number): Promise<T | 'timeout'> {
   let t: NodeJS.Timeout | undefined;
   const timeout = new Promise<'timeout'>((r) => (t = setTimeout(() => r('timeout'), ms)));

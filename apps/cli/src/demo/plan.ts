@@ -189,7 +189,8 @@ export function planDemo(input: PlanInput): DemoPlan {
         '--metrics-listen', host.metrics,
         '--policy', input.policy,
         // What analysis may do to the demo's guests (`--allow-command`): see DEMO_ALLOW_COMMANDS.
-        ...(agentLinks && analysis ? ['--analysis', analysis.listen, ...DEMO_ALLOW_COMMANDS.flatMap((k) => ['--allow-command', k])] : []),
+        // Analysis starts at the same time and takes a few seconds: retry at most every second (default 10 s).
+        ...(agentLinks && analysis ? ['--analysis', analysis.listen, '--link-backoff-max', '1s', ...DEMO_ALLOW_COMMANDS.flatMap((k) => ['--allow-command', k])] : []),
         ...(heki ? ['--heki-listen', `unix:${join(dir, 'heki.sock')}`] : []),
       ],
       ready: { kind: 'unix-http', socket: host.apiSocket, path: '/v1/vms' },

@@ -33,13 +33,17 @@ export class HekiUplink {
   private readonly unacked = new Map<string, NonNullable<Extract<LinkRequest['message'], { $case: 'hekiDenial' }>>['value']>();
   /** Per-VM denial completion pushed by analysis. */
   private readonly completions = new Map<string, HekiDenialAction>();
-  readonly stats = { registered: 0, configures: 0, denials: 0, denialsResent: 0, denialsDropped: 0, policyUpdates: 0 };
+  readonly stats = { registered: 0, configures: 0, denials: 0, denialsResent: 0, denialsDropped: 0, policyUpdates: 0, stopRefused: 0 };
 
+  /**
+   * `allowStop`: analysis may make a denial stop the VM (`--allow-command crash`, the same key as a central
+   * CRASH verdict); otherwise a pushed STOP_VM is refused (counted, logged) and the sink's own policy applies.
+   */
   constructor(
     private readonly hostId: string,
     private readonly sink: HekiSink,
     private readonly client: HekiUplinkClient,
-    private readonly maxUnacked = 4096,
+    private readonly opts: { allowStop: boolean; log?: (level: 'warn', msg: string, fields?: Record<string, unknown>) => void; maxUnacked?: number } = { allowStop: false },
   ) {
     sink.on('registered', (vm) => {
       this.stats.registered++;
@@ -52,7 +56,7 @@ export class HekiUplink {
     sink.on('denial', (rec, vm) => {
       this.stats.denials++;
       const d = this.denial(rec, vm);
-      if (this.unacked.size >= this.maxUnacked) {
+      if (this.unacked.size >= (this.opts.maxUnacked ?? 4096)) {
         const oldest = this.unacked.keys().next().value;
         if (oldest !== undefined) this.unacked.delete(oldest);
         this.stats.denialsDropped++;
@@ -80,10 +84,14 @@ export class HekiUplink {
     return this.unacked.size;
   }
 
-  /** Analysis's per-VM completions (the whole set: VMs not listed fall back to the agent's policy). */
+  /**
+   * Analysis's per-VM completions (the whole set: VMs not listed fall back to the agent's policy). STOP_VM
+   * without `allowStop` is refused for that VM: the agent's own policy applies to it.
+   */
   applyPolicy(u: HekiPolicyUpdate): void {
     this.stats.policyUpdates++;
     this.completions.clear();
+    const refused: string[] = [];
     for (const v of u.vms) {
       let uuid: string;
       try {
@@ -91,8 +99,16 @@ export class HekiUplink {
       } catch {
         continue;
       }
-      if (v.denialCompletion === DenialCompletion.DENIAL_COMPLETION_STOP_VM) this.completions.set(uuid, 'stop');
-      else if (v.denialCompletion === DenialCompletion.DENIAL_COMPLETION_INJECT_GP) this.completions.set(uuid, 'reenter');
+      if (v.denialCompletion === DenialCompletion.DENIAL_COMPLETION_STOP_VM) {
+        if (this.opts.allowStop) this.completions.set(uuid, 'stop');
+        else refused.push(uuid);
+      } else if (v.denialCompletion === DenialCompletion.DENIAL_COMPLETION_INJECT_GP) this.completions.set(uuid, 'reenter');
+    }
+    if (refused.length > 0) {
+      this.stats.stopRefused += refused.length;
+      this.opts.log?.('warn', `Heki STOP_VM completion from analysis refused by this agent's allow-list for ${refused.length} VM(s): enable it with --allow-command crash (config key "allow-command"); the agent's own --heki-denial applies`, {
+        vms: refused.slice(0, 3),
+      });
     }
   }
 
@@ -122,6 +138,7 @@ export class HekiUplink {
       denials: vm.denials,
       stops: vm.stops,
       defaultCompletion: completionOf(this.sink.policy.denial),
+      analysisStopAllowed: this.opts.allowStop,
     };
   }
 

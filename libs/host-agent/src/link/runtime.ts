@@ -266,7 +266,7 @@ export class LinkRuntime {
       onResponse: (r) => this.onResponse(r),
     });
     this.queue.attach(this.client);
-    this.heki = opts.heki ? new HekiUplink(opts.hostId, opts.heki, this.client) : undefined;
+    this.heki = opts.heki ? new HekiUplink(opts.hostId, opts.heki, this.client, { allowStop: this.allow.has('crash'), log: opts.log }) : undefined;
   }
 
   start(): void {
