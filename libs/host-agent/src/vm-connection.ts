@@ -403,32 +403,44 @@ export class VmConnection {
           break;
         }
       }
-      // The records change before the write is sent: an event the new bytes cause (a vCPU hitting a fresh INT3)
-      // can be read from the socket in the same chunk as the write's reply, before this function resumes.
+      // New and changed records are in place before the write is sent: an event the new bytes cause (a vCPU
+      // hitting a fresh INT3) can be read from the socket in the same chunk as the write's reply, before this
+      // function resumes. They are also persisted first (write-ahead), so a kill -9 between the write and its
+      // reply never leaves an INT3 nobody knows about; a record whose byte never landed is dropped as "changed by
+      // the guest" at the next re-attach, which reads the byte first. A byte written back to its original is
+      // forgotten only once KVM has applied the write (until then the guest may still hold what analysis wrote).
       const undo = new Map<bigint, RememberedByte | undefined>();
+      const forget: bigint[] = [];
       for (let i = 0; i < data.length; i++) {
         const at = gpa + BigInt(i);
         const cur = this.remembered.get(at);
         const value = data[i]!;
         if (cur) {
-          undo.set(at, { ...cur });
-          if (value === cur.original) this.remembered.delete(at);
-          else cur.written = value;
+          if (value === cur.original) forget.push(at);
+          else if (value !== cur.written) {
+            undo.set(at, { ...cur });
+            cur.written = value;
+          }
         } else if (before && before[i] !== value) {
           undo.set(at, undefined);
           this.remembered.set(at, { original: before[i]!, written: value });
         }
       }
+      if (undo.size) this.onRememberedChange?.(this);
       const w = await this.session.tryRequest('VM_WRITE_PHYSICAL', { gpa, data }, timeoutMs).catch((e: unknown) => e as Error);
       if (w instanceof Error || !w.ok) {
         for (const [at, b] of undo) {
           if (b) this.remembered.set(at, b);
           else this.remembered.delete(at);
         }
+        if (undo.size) this.onRememberedChange?.(this);
         if (w instanceof Error) throw w;
         return { ok: false, errno: w.errno };
       }
-      if (undo.size) this.onRememberedChange?.(this);
+      if (forget.length) {
+        for (const at of forget) this.remembered.delete(at);
+        this.onRememberedChange?.(this);
+      }
       return { ok: true };
     };
     const p = this.rememberChain.then(run, run);

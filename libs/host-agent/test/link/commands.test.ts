@@ -3,6 +3,7 @@
  * an event, the agent's allow-list refusing dangerous commands (naming the config key), GET_MAP_TOKEN,
  * stale sessions, policy installs (atomic, versioned, from a periscope.verdicts/v1 document).
  */
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { CommandStatus, EventAction, EventDisposition, KvmError, PolicyInstallState, type KvmiEvent, type LocalPolicy } from '@periscope/contracts';
@@ -112,5 +113,38 @@ describe('agent link: commands from analysis', () => {
     expect(bad.error).toContain('x');
     expect(bad.activeVersion).toBe(2n);
     expect(h.agent.policies.current.policy.version).toBe(2n);
+  });
+  it('records a byte analysis writes in the state directory before KVM receives the write (write-ahead for kill -9)', async () => {
+    const peer = await startPeer();
+    const dir = tempDir();
+    const sock = join(dir, 'k.sock');
+    const stateDir = join(dir, 'state');
+    const h = await startAgent({ socketPath: sock, peer, stateDir, link: { allowCommands: ['write-physical'] } });
+    const { vm } = await startVm(sock, { vcpus: 1, seed: 8 });
+    await protectedVm(h, vm);
+    await peer.waitFor(() => peer.vmAttached().length === 1);
+    const base = { vmUuid: uuidBytes(vm), sessionGeneration: peer.vmAttached()[0]!.sessionGeneration, vcpu: 0 };
+    const gpa = 0x7100n;
+    const original = vm.memory.read(gpa, 1)![0]!;
+    const written = original === 0xcc ? 0x90 : 0xcc;
+    // What planted.json said at the moment the simulated KVM received each write at gpa (before it applies it).
+    const onDisk: unknown[] = [];
+    vm.on('command', (key, _vcpu, req) => {
+      if (key !== 'VM_WRITE_PHYSICAL' || (req['gpa'] as bigint) !== gpa) return;
+      const f = join(stateDir, 'planted.json');
+      const all = existsSync(f) ? (JSON.parse(readFileSync(f, 'utf8')) as Record<string, { bytes: Record<string, unknown> }>) : {};
+      onDisk.push(all[vm.uuidText]?.bytes[`0x${gpa.toString(16)}`] ?? null);
+    });
+    const w = await peer.command({ ...base, command: { $case: 'writePhysical', value: { gpa, data: Buffer.of(written) } } });
+    expect(w.status).toBe(CommandStatus.COMMAND_STATUS_OK);
+    expect(vm.memory.read(gpa, 1)![0]).toBe(written);
+    expect(onDisk).toEqual([{ original, written }]);
+    // Writing the original back forgets the byte, on disk only once KVM has applied the write (until then the
+    // guest may still hold the written byte, so the record stays).
+    const back = await peer.command({ ...base, command: { $case: 'writePhysical', value: { gpa, data: Buffer.of(original) } } });
+    expect(back.status).toBe(CommandStatus.COMMAND_STATUS_OK);
+    expect(vm.memory.read(gpa, 1)![0]).toBe(original);
+    expect(onDisk).toEqual([{ original, written }, { original, written }]);
+    expect(JSON.parse(readFileSync(join(stateDir, 'planted.json'), 'utf8'))).toEqual({});
   });
 });
