@@ -43,6 +43,8 @@ export interface SimHostOptions {
 export interface ToolSide {
   session: KvmiSession;
   hello: QemuHello;
+  /** This tool session's generation for the VM: 1 for the first hook, +1 for every re-hook (as the host agent counts). */
+  generation: bigint;
 }
 
 export interface SimHost {
@@ -67,7 +69,7 @@ export async function startSimHost(opts: SimHostOptions = {}): Promise<SimHost> 
   const server = net.createServer((socket) => {
     socket.on('error', () => undefined);
     void acceptQemuHandshake(socket, { cookieFor: () => SECRET }).then(
-      (hello) => tools.set(hello.uuidText, { hello, session: new KvmiSession(socket, { leftover: hello.leftover }) }),
+      (hello) => tools.set(hello.uuidText, { hello, session: new KvmiSession(socket, { leftover: hello.leftover }), generation: (tools.get(hello.uuidText)?.generation ?? 0n) + 1n }),
       () => socket.destroy(),
     );
   });
@@ -93,7 +95,7 @@ export async function startSimHost(opts: SimHostOptions = {}): Promise<SimHost> 
     kvmmemPath,
     tools,
     vm,
-    ref: (i) => ({ uuid: vm(i).uuid, generation: 1n }),
+    ref: (i) => ({ uuid: vm(i).uuid, generation: tools.get(vm(i).uuidText)?.generation ?? 0n }),
     tokens: (i) => async (count) => {
       const s = tools.get(vm(i).uuidText)!.session;
       const replies = await Promise.all(Array.from({ length: count }, () => s.request('GET_MAP_TOKEN', {})));
