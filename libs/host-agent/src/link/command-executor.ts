@@ -7,10 +7,10 @@
  * received after them is written after them.
  *
  * Agent-side allow-list: commands that change the guest from analysis — write physical memory, set
- * registers, set XSAVE, inject an exception (and central CRASH verdicts, checked by the runtime) — are
- * refused with COMMAND_STATUS_REFUSED_BY_AGENT_POLICY unless the host enables them with
- * `--allow-command KEY` (config key `allow-command`). A local policy pushed by analysis whose actions
- * inject or crash is refused whole by the same list (`policyRefusal`, used by `PolicyHolder.install`);
+ * registers, set XSAVE, inject an exception (and central CRASH verdicts or verdicts choosing a CR/MSR value,
+ * checked by the runtime) — are refused with COMMAND_STATUS_REFUSED_BY_AGENT_POLICY unless the host enables
+ * them with `--allow-command KEY` (config key `allow-command`). A local policy pushed by analysis whose
+ * actions inject, crash or rewrite is refused whole by the same list (`policyRefusal`, used by `PolicyHolder.install`);
  * the operator's own `--policy` file is trusted.
  */
 import { commands, KvmiError, type CommandKey, type ReplyResult } from '@periscope/kvmi';
@@ -31,13 +31,15 @@ export type AllowCommandKey = (typeof ALLOW_COMMAND_KEYS)[number];
 
 /**
  * The allow-list key each local-policy action needs when the policy came from analysis (null: none).
- * Every action kind is listed, so a new one must decide. `skip` and `rewrite` are how a write is denied
- * (the protection itself), not operations of their own.
+ * Every action kind is listed, so a new one must decide. `deny` (the old value, or bits pinned from it) and
+ * `skip` (RIP past the instruction) are how a write is refused — the protection itself. `rewrite` makes a
+ * CR/MSR write land with bits analysis chose (`fixed` any value: LSTAR pointed anywhere), so it needs the key
+ * of VCPU_SET_REGISTERS, as does a central verdict doing the same (held-events.ts).
  */
 export const ACTION_ALLOW_KEYS: Readonly<Record<ActionKind, AllowCommandKey | null>> = {
   allow: null,
   deny: null,
-  rewrite: null,
+  rewrite: 'set-registers',
   skip: null,
   retry: null,
   inject: 'inject-exception',

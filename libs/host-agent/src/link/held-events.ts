@@ -43,6 +43,12 @@ export interface HeldEventRegistryOptions {
   onResolve(entry: HeldEntry, how: Resolution): void;
   /** Central CRASH verdicts are refused unless allowed (`--allow-command crash`). */
   allowCrash: boolean;
+  /**
+   * Central verdicts that make a CR/MSR write land with a value that is neither the guest's old nor its new
+   * one (`fixed`, `override_bits`) are refused unless allowed (`--allow-command set-registers`): analysis
+   * would be choosing register contents, as with VCPU_SET_REGISTERS. `keep_old` / `keep_new` need no key.
+   */
+  allowSetRegisters: boolean;
   log: (level: 'warn', msg: string, fields?: Record<string, unknown>) => void;
 }
 
@@ -87,12 +93,16 @@ export class HeldEventRegistry {
       return 'late';
     }
     const r = decisionToReply(v.decision, entry.eventId, entry.values);
-    if (!r.ok || (r.action === CRASH && !this.opts.allowCrash)) {
+    const refusal = !r.ok
+      ? `unusable central verdict: ${r.why}`
+      : r.action === CRASH && !this.opts.allowCrash
+        ? 'central CRASH verdict refused: enable it with --allow-command crash (config key "allow-command")'
+        : r.newVal !== undefined && entry.values && r.newVal !== entry.values.old && r.newVal !== entry.values.new && !this.opts.allowSetRegisters
+          ? 'central verdict choosing a register value the guest did not write refused: enable it with --allow-command set-registers (config key "allow-command")'
+          : undefined;
+    if (refusal || !r.ok) {
       this.stats.invalid++;
-      this.opts.log('warn', r.ok ? 'central CRASH verdict refused: enable it with --allow-command crash (config key "allow-command")' : `unusable central verdict: ${r.why}`, {
-        vm: uuid,
-        seq: v.seq,
-      });
+      this.opts.log('warn', refusal ?? 'unusable central verdict', { vm: uuid, seq: v.seq });
       this.resolveDefault(entry, DefaultReason.DEFAULT_REASON_INVALID_VERDICT);
       return 'invalid';
     }

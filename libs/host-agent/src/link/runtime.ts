@@ -113,7 +113,7 @@ export class PolicyHolder {
   applied: Promise<unknown> = Promise.resolve();
   /**
    * The agent's `--allow-command` keys, which `install` checks a pushed policy's actions against (set by the
-   * link runtime). Empty: a pushed policy that injects or crashes is refused.
+   * link runtime). Empty: a pushed policy that injects, crashes or rewrites a CR/MSR value is refused.
    */
   allow: ReadonlySet<string> = new Set();
 
@@ -130,7 +130,8 @@ export class PolicyHolder {
   /**
    * Validate, compile and (if newer) activate a LocalPolicy pushed by analysis. Never throws. A policy with
    * an action the agent's allow-list does not enable (`inject` needs `inject-exception`, `crash` needs
-   * `crash`: `policyRefusal`, against `allow`) is REJECTED whole, naming the key; the previous policy stays active.
+   * `crash`, `rewrite` needs `set-registers`: `policyRefusal`, against `allow`) is REJECTED whole, naming the
+   * key; the previous policy stays active.
    */
   install(lp: LocalPolicy): PolicyStatus {
     const active = this.current.policy;
@@ -247,6 +248,7 @@ export class LinkRuntime {
     this.commands = new CommandExecutor({ allow: this.allow, vm: opts.vm, onSinglestep: (vm, vcpu, on) => this.writes.singlestepSet(vm, vcpu, on) });
     this.held = new HeldEventRegistry({
       allowCrash: this.allow.has('crash'),
+      allowSetRegisters: this.allow.has('set-registers'),
       log: opts.log,
       onResolve: (e, how) => this.onHeldResolved(e, how),
     });

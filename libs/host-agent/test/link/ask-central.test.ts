@@ -72,6 +72,49 @@ describe('agent link: ask central', () => {
     expect(rec3.tier).toBe(VerdictTier.VERDICT_TIER_DEFAULT);
   });
 
+  it('a central verdict choosing a CR value the guest did not write needs --allow-command set-registers; keep_old/keep_new need no key', async () => {
+    for (const allow of [[], ['set-registers']]) {
+      const chosen: bigint[] = [];
+      const peer = await startPeer({
+        onHeldEvent: (e: KvmiEvent, p) => {
+          const cr = e.payload?.$case === 'cr' ? e.payload.value : undefined;
+          if (!cr) return;
+          // Neither the old nor the new value: CR4.PGE as the guest wanted, plus bit 10 (OSXMMEXCPT) toggled.
+          const value = cr.newValue ^ (1n << 10n);
+          chosen.push(value);
+          p.verdict({ vmUuid: e.vmUuid, sessionGeneration: e.sessionGeneration, seq: e.seq, decision: { action: EventAction.EVENT_ACTION_CONTINUE, replyValue: { policy: { $case: 'fixed', value } } }, ruleId: 'central-fixed', detectionId: '' });
+        },
+      });
+      const dir = tempDir();
+      const sock = join(dir, 'k.sock');
+      // 1 s deadline: the default (allow) can only come early from a refusal, never from the timer.
+      const h = await startAgent({ socketPath: sock, peer, policy: testPolicy({ askDeadlineMs: 1000 }), link: { allowCommands: allow } });
+      const { vm } = await startVm(sock, { vcpus: 1, seed: 5 });
+      await protectedVm(h, vm);
+      await peer.waitFor(() => peer.vmAttached().length === 1);
+      const cpu = vm.vcpus[0]!;
+      const cr4 = cpu.cpu.sregs.cr4;
+      const t0 = performance.now();
+      await cpu.writeCr(4, cr4 ^ CR4_PGE);
+      const waited = performance.now() - t0;
+      expect(chosen).toHaveLength(1);
+      if (allow.length === 0) {
+        // Refused: the rule's default (allow) at once — the guest's own value, not analysis's.
+        expect(cpu.cpu.sregs.cr4).toBe(cr4 ^ CR4_PGE);
+        expect(waited).toBeLessThan(1000);
+        expect(metric(h, 'periscope_agent_ask_central_total{outcome="invalid_verdict"}')).toBe(1);
+        expect(h.logs.some((l) => l.includes('--allow-command set-registers'))).toBe(true);
+        const rec = await peer.waitFor(() => peer.verdictRecords().find((r) => r.ruleId === 'cr4-pge-ask'), 3000, 'record');
+        expect(rec).toMatchObject({ tier: VerdictTier.VERDICT_TIER_DEFAULT, defaultReason: DefaultReason.DEFAULT_REASON_INVALID_VERDICT });
+      } else {
+        expect(cpu.cpu.sregs.cr4).toBe(chosen[0]);
+        expect(metric(h, 'periscope_agent_ask_central_total{outcome="central"}')).toBe(1);
+      }
+      expect(vm.stats.hardErrors).toBe(0);
+      await cleanup();
+    }
+  });
+
   it('analysis killed mid-storm: no vCPU stalled past its deadline; spooled detections are delivered after the reconnect, none lost, none duplicated', async () => {
     const DEADLINE = 30;
     const peer = await startPeer({

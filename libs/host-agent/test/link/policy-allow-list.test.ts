@@ -1,6 +1,7 @@
 /**
- * A local policy pushed by analysis may only inject exceptions or crash a guest when the host allows it
- * (`--allow-command inject-exception` / `crash`), as for the same operations sent as commands: otherwise
+ * A local policy pushed by analysis may only inject exceptions, crash a guest or rewrite a CR/MSR value when
+ * the host allows it (`--allow-command inject-exception` / `crash` / `set-registers`), as for the same
+ * operations sent as commands: otherwise
  * the whole install is REJECTED naming the key, and the previous policy stays active (shown with a
  * simulator event the old policy decides). The operator's own `--policy` file is trusted.
  */
@@ -62,6 +63,31 @@ describe('policy installs from analysis are checked against the allow-list', () 
     expect(keys.get('crash')).toEqual(['rule a (crash)', 'rule b (ask-central default) (crash)', 'exception e (crash)', 'default for XSETBV (crash)']);
     expect(keys.get('inject-exception')).toEqual(['rule c (inject)']);
     expect(policyAllowKeys(compilePolicy(lstarPolicy(2, 'deny'))).size).toBe(0);
+    expect(policyAllowKeys(compilePolicy(lstarPolicy(2, { kind: 'deny', forceBits: '0xff' }))).size).toBe(0);
+    // rewrite chooses the value a CR/MSR write lands with: the key of VCPU_SET_REGISTERS.
+    expect([...policyAllowKeys(compilePolicy(lstarPolicy(2, { kind: 'rewrite', clearBits: '0xffffffffffffffff', setBits: '0xffffffffc0de0000' })))]).toEqual([['set-registers', ['rule lstar (rewrite)']]]);
+  });
+
+  it('rewrite: refused without --allow-command set-registers (the guest keeps its value); with it, the write lands with the chosen value', async () => {
+    const REWRITE = { kind: 'rewrite', clearBits: '0xffffffffffffffff', setBits: `0x${HIJACK.toString(16)}` };
+    const refused = await setup(['write-physical', 'crash', 'inject-exception']);
+    const no = await refused.peer.installPolicy(localPolicy(lstarPolicy(2, REWRITE)));
+    expect(no.state).toBe(PolicyInstallState.POLICY_INSTALL_STATE_REJECTED);
+    expect(no.error).toContain('rule lstar (rewrite) needs --allow-command set-registers');
+    expect(no.activeVersion).toBe(1n);
+    expect(refused.vm.vcpus[0]!.interceptions.msrs.has(LSTAR)).toBe(false);
+    const mine = 0xffffffff81a00000n;
+    await refused.cpu.wrmsr(LSTAR, mine);
+    expect(refused.cpu.cpu.msrs.get(LSTAR)).toBe(mine); // not intercepted: the guest's own value
+    await cleanup();
+
+    const allowed = await setup(['set-registers']);
+    const ok = await allowed.peer.installPolicy(localPolicy(lstarPolicy(2, REWRITE)));
+    expect(ok).toMatchObject({ state: PolicyInstallState.POLICY_INSTALL_STATE_ACTIVE, activeVersion: 2n });
+    await until(() => allowed.vm.vcpus[0]!.interceptions.msrs.has(LSTAR), 3000, 'LSTAR intercepted');
+    const r = await allowed.cpu.wrmsr(LSTAR, mine);
+    expect(r.events.map((e) => e.event)).toEqual(['MSR']);
+    expect(allowed.cpu.cpu.msrs.get(LSTAR)).toBe(HIJACK);
   });
 
   it('without the keys: a pushed crash or inject policy is rejected naming the key, the old policy stays active', async () => {
