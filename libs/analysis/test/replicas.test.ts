@@ -76,9 +76,9 @@ async function startHost(hostId: string, analysis: string, seed: number): Promis
   const detections = new Set<string>();
   const spool = agent.link!.spool;
   const add = spool.add.bind(spool);
-  spool.add = (d) => {
+  spool.add = (d, o) => {
     detections.add(d.detectionId);
-    return add(d);
+    return add(d, o);
   };
   const vm = new SimVm({ vcpus: 2, seed, apsOnline: true, jitterMs: 0, name: `${hostId}-vm` });
   const pageAccess = { commands: 0, entries: 0 };

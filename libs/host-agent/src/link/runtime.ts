@@ -242,7 +242,7 @@ export class LinkRuntime {
     opts.policies.allow = this.allow; // policies pushed by analysis are checked against the same list
     this.heldMeta.hostId = opts.hostId;
     this.queue = new ReportQueue({ capacity: cfg.reportQueueSize ?? 65536, maxBatch: cfg.batchMax ?? 512, hostId: opts.hostId });
-    this.spool = new DetectionSpool(opts.stateDir ? join(opts.stateDir, 'spool') : undefined, cfg.spoolMaxBytes ?? 64 * 1024 * 1024, opts.log);
+    this.spool = new DetectionSpool(opts.stateDir ? join(opts.stateDir, 'spool') : undefined, cfg.spoolMaxBytes ?? 64 * 1024 * 1024, opts.log, () => this.sendSpool());
     this.pauses = new PauseStore(opts.stateDir);
     this.writes = new AnalysisWrites({ store: new PlantedStore(opts.stateDir), log: opts.log });
     this.commands = new CommandExecutor({ allow: this.allow, vm: opts.vm, onSinglestep: (vm, vcpu, on) => this.writes.singlestepSet(vm, vcpu, on) });
@@ -280,9 +280,10 @@ export class LinkRuntime {
     this.client.stop();
   }
 
-  /** After the VMs detached (shutdown): spool detections still reading their instruction, write the spool. */
+  /** After the VMs detached (shutdown): complete detections still reading their instruction, write the spool. */
   async drain(): Promise<void> {
     await Promise.allSettled([...this.enriching]);
+    await this.spool.settled();
     this.spool.flushSync();
   }
 
@@ -479,15 +480,19 @@ export class LinkRuntime {
         policyVersion: pol.version,
       };
       this.stats.detections++;
-      const spool = () => {
-        if (!this.spool.add(d)) this.opts.log('warn', 'detection spool full: detection dropped', { rule: c.ruleId, spoolBytes: this.spool.bytes });
-        else this.sendSpool();
-      };
+      const dropped = () => this.opts.log('warn', 'detection spool full: detection dropped', { rule: c.ruleId, spoolBytes: this.spool.bytes });
       // Evidence: the instruction at RIP, read after the reply (off the vCPU's stall path), bounded in time;
-      // without it (VM gone, page unmapped, timeout) the detection is spooled all the same.
+      // without it (VM gone, page unmapped, timeout) the detection is sent all the same. It is written to the
+      // spool as it is raised (a kill -9 during the read leaves it on disk, without the instruction) and sent
+      // once complete and on disk (spool.ts).
       const regs = event.regs;
       if (!regs || !event.sregs || p.vm.state === 'closed' || p.vm.state === 'detaching') {
-        spool();
+        if (!this.spool.add(d)) dropped();
+        continue;
+      }
+      const entry = this.spool.add(d, { ready: false });
+      if (!entry) {
+        dropped();
         continue;
       }
       const job = withTimeout(readInstructionAt(p.vm.session, p.vcpu, CPU_MODE_BITS[event.mode] ?? 8, regs.rip, event.sregs.cs?.base ?? 0n), INSTRUCTION_READ_TIMEOUT_MS)
@@ -499,13 +504,13 @@ export class LinkRuntime {
         })
         .finally(() => {
           this.enriching.delete(job);
-          spool();
+          this.spool.update(entry, d);
         });
       this.enriching.add(job);
     }
   }
 
-  /** Detections waiting for their instruction bytes (stop() spools them before returning). */
+  /** Detections waiting for their instruction bytes (drain() completes them before the spool is flushed). */
   private readonly enriching = new Set<Promise<void>>();
 
   /** Send spooled detections not yet sent on this stream. */
