@@ -269,7 +269,7 @@ describe('periscope operator commands (real analysis, host agent and simulator)'
     expect(table.code).toBe(0);
     const [head, ...rows] = table.out.trim().split('\n');
     expect(head).toMatch(/^LAST SEEN\s+SEVERITY\s+HOST\s+VM\s+RULE\s+ACTION\s+COUNT\s+TECHNIQUE\s+STATE\s+ID$/);
-    expect(rows.some((r) => /\shost-t\s+sim-vm-0\s+cli-test\/syscall-msrs\/entry\s+deny\s+\d+\s+T1014\s+open\s+[0-9a-f-]{36}$/.test(r))).toBe(true);
+    expect(rows.some((r) => /\shost-t\s+sim-vm-0\s+cli-test\/syscall-msrs\/entry\s+deny\s+\d+\s+T1014\s+open\s+[0-9a-f-]{36}$/.test(r)), table.out).toBe(true);
     const none = await cliJson<{ alerts: unknown[] }>(['alerts', '--vm', 'sim-vm-1']);
     expect(none.alerts).toEqual([]); // the attack runs on sim-vm-0 only
     const crit = await cliJson<{ alerts: { severity: string }[] }>(['alerts', '--severity', 'critical']);
