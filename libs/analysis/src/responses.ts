@@ -125,6 +125,20 @@ export function exceptionName(vector: number, errorCode?: number): string {
 }
 
 /** The alert's action under a response. */
+/**
+ * Why a response the agent decides (inject, crash) did not happen for this detection, or undefined when it
+ * did (or cannot be told). The agent names its local policy's action in the detection (`policy_action`,
+ * libs/host-agent/src/link/runtime.ts); an agent that does not (older) is judged by its reply: crash is
+ * CRASH. Analysis's own responses (pause, quarantine) are always in force.
+ */
+export function localResponseNotInForce(kind: ResponseKind, attributes: Readonly<Record<string, string>>, action: string): string | undefined {
+  if (RESPONSE_DECIDED_AT[kind] !== 'agent' || kind === 'deny') return undefined;
+  const decided = attributes['policy_action'];
+  if (decided !== undefined) return decided === kind ? undefined : `the agent's active local policy answered ${decided}, not ${kind}`;
+  if (kind === 'crash' && action !== 'crash') return `the agent answered ${action}, not crash`;
+  return undefined;
+}
+
 export function responseLabel(r: ResponseSpec, localAction: string): string {
   switch (r.kind) {
     case 'inject':
@@ -219,6 +233,13 @@ export class ResponseEngine {
   adjustDraft(draft: AlertDraft): AlertDraft {
     const r = this.responseFor(draft.ruleId);
     if (!r) return draft;
+    const notInForce = localResponseNotInForce(r.response.kind, draft.evidence.attributes, draft.action);
+    if (notInForce) {
+      // The agent answered with a policy without this response (it refused the install, or had not received
+      // it yet): the alert says what really happened, and why the response did not.
+      const response = { kind: r.response.kind, decidedAt: RESPONSE_DECIDED_AT[r.response.kind], policy: r.policy, status: `not applied: ${notInForce} (local policy v${draft.policyVersion}; \`periscope fleet\` shows why a host refused a policy)` };
+      return { ...draft, evidence: { ...draft.evidence, response } as AlertDraft['evidence'] };
+    }
     const action = responseLabel(r.response, draft.action);
     const response: Record<string, unknown> = { kind: r.response.kind, decidedAt: RESPONSE_DECIDED_AT[r.response.kind], policy: r.policy };
     if (r.response.kind === 'inject') Object.assign(response, { vector: r.response.vector ?? GP, exception: exceptionName(r.response.vector ?? GP, r.response.errorCode), errorCode: r.response.errorCode ?? null, trap: null });
@@ -238,7 +259,7 @@ export class ResponseEngine {
    */
   afterDetection(d: Detection, alert: AlertRecord): Promise<void> {
     const r = this.responseFor(d.ruleId);
-    if (!r) return Promise.resolve();
+    if (!r || localResponseNotInForce(r.response.kind, d.attributes, alert.action)) return Promise.resolve();
     const uuid = uuidFromBytes(d.vmUuid);
     const vm = { uuid, hostId: d.hostId };
     const by = `policy:${r.policy} via agent:${d.hostId}`;

@@ -188,7 +188,7 @@ describe.each(DB_VARIANTS)('responses end to end on $name', (variant) => {
     expect(e).toMatchObject({ actor: 'policy:answer-crash', success: true, result: 'the agent replied CRASH' });
   }, 40_000);
 
-  it('an agent without --allow-command crash rejects a policy with a crash response: logged, and the host listing says why', async () => {
+  it('an agent without --allow-command crash rejects a policy with a crash response: logged, the host listing says why, and alerts say what the agent really did', async () => {
     const sock = join(dir, 'strict.sock');
     const strict = new HostAgent({
       hostId: 'resp-strict-host', kvmiPaths: [sock], cookies: parseCookies(Buffer.from('s')), policy: BOOTSTRAP, log: () => undefined,
@@ -197,10 +197,14 @@ describe.each(DB_VARIANTS)('responses end to end on $name', (variant) => {
     const vm = new SimVm({ vcpus: 1, seed: 21, jitterMs: 0, name: 'resp-strict' });
     const qemu = new SimQemu(vm, { path: sock, key: Buffer.from('s'), reconnectSeconds: 0.05 });
     try {
-      await a.applyPolicy(policy('answer-strict', 'resp-strict', 'crash'));
+      // First the module with a plain deny: the agent installs it.
+      await a.applyPolicy(policy('answer-strict', 'resp-strict', 'deny'));
       await strict.start();
       qemu.start();
       let host: Awaited<ReturnType<typeof a.store.listHosts>>[number] | undefined;
+      await until(async () => (host = (await a.store.listHosts()).find((x) => x.hostId === 'resp-strict-host'))?.policyState === 'active' && vm.vcpus[0]!.interceptions.msrs.has(MSR.LSTAR), 20_000, 'deny policy active');
+      // Then the same module with a crash response: refused whole, the deny policy stays.
+      await a.applyPolicy(policy('answer-strict', 'resp-strict', 'crash'));
       await until(async () => (host = (await a.store.listHosts()).find((x) => x.hostId === 'resp-strict-host'))?.policyState === 'rejected', 20_000, 'policy rejected');
       expect(host!.policyError).toMatch(/rule answer-strict\/syscall-msrs\/entry \(crash\).* needs --allow-command crash/);
       expect(host!.policyError).toContain('config key "allow-command"');
@@ -210,11 +214,22 @@ describe.each(DB_VARIANTS)('responses end to end on $name', (variant) => {
       // The operator's view over HTTP too: GET /v1/hosts.
       const r = await fetch(`http://127.0.0.1:${a.httpPort}/v1/hosts`).then((x) => x.json() as Promise<{ hosts: { hostId: string; policyState: string; policyError: string }[] }>);
       expect(r.hosts.find((x) => x.hostId === 'resp-strict-host')).toMatchObject({ policyState: 'rejected', policyError: expect.stringContaining('--allow-command crash') });
-      // Nothing crashes the guest: its LSTAR write goes on under the agent's own (bootstrap) policy.
+      // Nothing crashes the guest: its LSTAR write is denied by the policy still active.
       const c = vm.vcpus[0]!;
+      const entry = c.cpu.readMsr(MSR.LSTAR)!;
       const w = await c.wrmsr(MSR.LSTAR, vm.kernel.text + 0x123400n);
       expect(w.crashed).toBe(false);
       expect(c.isCrashed).toBe(false);
+      expect(c.cpu.readMsr(MSR.LSTAR)).toBe(entry);
+      // The alert says so (deny, not the crash the current fleet policy asks for), and why the crash did not happen.
+      let al: AlertRecord | undefined;
+      await until(async () => (al = (await a.store.listAlerts({ vm: vm.uuidText, limit: 100 })).find((x) => x.ruleId === 'answer-strict/syscall-msrs/entry')) !== undefined, 15_000, 'strict alert');
+      expect(al!.action).toBe('deny');
+      expect(al!.title).toMatch(/^Blocked: /);
+      expect(al!.evidence.attributes['policy_action']).toBe('deny');
+      expect((al!.evidence as unknown as { response: Record<string, unknown> }).response).toMatchObject({ kind: 'crash', decidedAt: 'agent', policy: 'answer-strict', status: expect.stringMatching(/^not applied: the agent's active local policy answered deny, not crash/) });
+      await a.audit.flushed();
+      expect((await a.audit.list({ vm: vm.uuidText })).filter((x) => x.action === 'crash')).toEqual([]);
     } finally {
       qemu.stop();
       vm.close();

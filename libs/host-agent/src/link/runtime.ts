@@ -35,6 +35,7 @@ import {
   compilePolicy,
   parsePolicyText,
   policyFromProto,
+  type ActionKind,
   type CompiledPolicy,
   type Policy,
   type Verdict,
@@ -174,6 +175,8 @@ class ReportCtx {
   eventId = 0;
   ruleIndex = -1;
   exceptionIndex = -1;
+  /** The matched rule's (or exception's, or the kind default's) action in the policy's words. */
+  actionKind: ActionKind = 'allow';
   policy: PolicyRef | undefined;
   report = false;
   withEvent = false;
@@ -312,6 +315,7 @@ export class LinkRuntime {
     ctx.eventId = view.eventId;
     ctx.ruleIndex = v.ruleIndex;
     ctx.exceptionIndex = v.exceptionIndex;
+    ctx.actionKind = v.kind;
     ctx.policy = this.opts.policies.ref(compiled);
     ctx.report = v.report;
     ctx.withEvent = v.reportEvent;
@@ -455,6 +459,9 @@ export class LinkRuntime {
         repliedUnixNs: msToNs(p.repliedMs),
       };
       const attributes: Record<string, string> = { kind: key, action: ['CONTINUE', 'RETRY', 'CRASH'][p.action] ?? String(p.action) };
+      // What the local policy decided, in its words (inject, crash, deny, …): analysis shows a module's local
+      // response as applied only when the agent's active policy really had it (responses.ts).
+      if (c.tier === VerdictTier.VERDICT_TIER_LOCAL) attributes['policy_action'] = c.actionKind;
       const pl = event.payload;
       if (pl?.$case === 'cr') Object.assign(attributes, { cr: String(pl.value.cr), old: hex(pl.value.oldValue), new: hex(pl.value.newValue) });
       else if (pl?.$case === 'msr') Object.assign(attributes, { msr: hex(BigInt(pl.value.msr)), old: hex(pl.value.oldValue), new: hex(pl.value.newValue) });
