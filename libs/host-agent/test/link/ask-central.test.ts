@@ -7,7 +7,7 @@
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { DefaultReason, EventAction, EventDisposition, VerdictTier, type KvmiEvent } from '@periscope/contracts';
-import { cleanup, CR0_WP, CR4_PGE, metric, protectedVm, startAgent, startPeer, startVm, tempDir, testPolicy, uuidBytes } from './fixture.js';
+import { cleanup, CR0_WP, CR4_PGE, metric, protectedVm, startAgent, startPeer, startVm, tempDir, testPolicy, until, uuidBytes } from './fixture.js';
 
 afterEach(cleanup);
 
@@ -62,14 +62,14 @@ describe('agent link: ask central', () => {
     expect(h.agent.listener.vms.get(vm.uuidText)?.state).toBe('protected');
     // 4. Stream down: the default at once, counted CENTRAL_UNAVAILABLE; the record goes up after the reconnect.
     await peer.kill();
-    await new Promise((r) => setTimeout(r, 50));
-    const t1 = performance.now();
+    await until(() => !h.agent.link!.client.up, 5000, 'the agent to see the stream down');
     await cpu.writeCr(4, cpu.cpu.sregs.cr4 ^ CR4_PGE);
-    expect(performance.now() - t1).toBeLessThan(30);
-    expect(metric(h, 'periscope_agent_ask_central_total')).toBeGreaterThanOrEqual(3);
+    expect(metric(h, 'periscope_agent_ask_central_total{outcome="central_unavailable"}')).toBe(1);
     await peer.start();
     const rec3 = await peer.waitFor(() => peer.verdictRecords().find((r) => r.defaultReason === DefaultReason.DEFAULT_REASON_CENTRAL_UNAVAILABLE), 10_000, 'record 3');
     expect(rec3.tier).toBe(VerdictTier.VERDICT_TIER_DEFAULT);
+    // At once: the agent's own receive-to-reply time is far below the 40 ms deadline (it never armed the timer).
+    expect(Number(rec3.latencyNs)).toBeLessThan(40e6);
   });
 
   it('a central verdict choosing a CR value the guest did not write needs --allow-command set-registers; keep_old/keep_new need no key', async () => {
