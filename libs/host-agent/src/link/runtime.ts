@@ -20,6 +20,9 @@ import {
   KvmiCommandKind,
   KvmiDialect,
   KvmiEventKind,
+  LossReason,
+  LossRecord,
+  LostRecordType,
   PolicyInstallState,
   Severity,
   VerdictTier,
@@ -237,7 +240,9 @@ export class LinkRuntime {
     ruleId: '',
     policyVersion: 0,
   };
-  readonly stats = { verdictsLocal: 0, verdictsCentral: 0, verdictsDefault: 0, detections: 0, policyInstalls: 0, pauseControls: 0 };
+  readonly stats = { verdictsLocal: 0, verdictsCentral: 0, verdictsDefault: 0, detections: 0, policyInstalls: 0, pauseControls: 0, detectionLossRecords: 0 };
+  /** Detections dropped (spool full) per VM session, not yet reported in a LossRecord. */
+  private readonly detectionsLost = new Map<string, { link: LinkVm; count: number; sinceMs: number }>();
 
   constructor(private readonly opts: LinkRuntimeOptions) {
     const cfg = opts.config;
@@ -487,7 +492,11 @@ export class LinkRuntime {
         policyVersion: pol.version,
       };
       this.stats.detections++;
-      const dropped = () => this.opts.log('warn', 'detection spool full: detection dropped', { rule: c.ruleId, spoolBytes: this.spool.bytes });
+      const dropped = () => {
+        this.opts.log('warn', 'detection spool full: detection dropped', { rule: c.ruleId, spoolBytes: this.spool.bytes });
+        this.detectionLost(p.link);
+        this.sendSpool();
+      };
       // Evidence: the instruction at RIP, read after the reply (off the vCPU's stall path), bounded in time;
       // without it (VM gone, page unmapped, timeout) the detection is sent all the same. It is written to the
       // spool as it is raised (a kill -9 during the read leaves it on disk, without the instruction) and sent
@@ -520,9 +529,38 @@ export class LinkRuntime {
   /** Detections waiting for their instruction bytes (drain() completes them before the spool is flushed). */
   private readonly enriching = new Set<Promise<void>>();
 
-  /** Send spooled detections not yet sent on this stream. */
+  /** A detection did not fit the spool: counted per VM session, reported in a LossRecord (never silent). */
+  private detectionLost(link: LinkVm): void {
+    const key = `${link.uuid}/${link.generation}`;
+    const l = this.detectionsLost.get(key);
+    if (l) l.count++;
+    else this.detectionsLost.set(key, { link, count: 1, sinceMs: nowMs() });
+  }
+
+  /**
+   * One LossRecord (record type DETECTION, reason QUEUE_FULL: the spool is the detections' queue) per VM
+   * session with dropped detections, before the spooled ones. Kept while the link is down (in memory: an
+   * agent restart forgets the counts; `periscope_agent_detections_dropped_total` and the log keep them).
+   */
+  private sendDetectionLosses(): void {
+    for (const [key, l] of this.detectionsLost) {
+      if (!this.client.writable) return;
+      this.client.send({
+        $case: 'loss',
+        value: LossRecord.fromPartial({
+          vmUuid: l.link.uuidBytes, sessionGeneration: BigInt(l.link.generation), recordType: LostRecordType.LOST_RECORD_TYPE_DETECTION,
+          reason: LossReason.LOSS_REASON_QUEUE_FULL, droppedCount: BigInt(l.count), windowStartUnixNs: msToNs(l.sinceMs), windowEndUnixNs: msToNs(nowMs()),
+        }),
+      });
+      this.detectionsLost.delete(key);
+      this.stats.detectionLossRecords++;
+    }
+  }
+
+  /** Send spooled detections not yet sent on this stream (after any detection loss records). */
   private sendSpool(): void {
     if (!this.client.up) return;
+    this.sendDetectionLosses();
     for (const e of this.spool.unsent(this.streamNo)) {
       if (!this.client.writable) return;
       e.sentOnStream = this.streamNo;

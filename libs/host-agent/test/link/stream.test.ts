@@ -5,7 +5,7 @@
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { LinkRequest, LossReason, LostRecordType, VerdictTier } from '@periscope/contracts';
-import { cleanup, CR4_PGE, protectedVm, startAgent, startPeer, startVm, tempDir, testPolicy, uuidBytes, metric } from './fixture.js';
+import { cleanup, CR0_WP, CR4_PGE, protectedVm, startAgent, startPeer, startVm, tempDir, testPolicy, until, uuidBytes, metric } from './fixture.js';
 import { PbWriter } from '../../src/link/wire.js';
 import { ReportQueue, type BatchSink } from '../../src/link/outbound-queue.js';
 
@@ -99,6 +99,42 @@ describe('agent link: stream', () => {
     expect(metric(h, 'periscope_agent_reports_dropped_total')).toBe(lost.reduce((n, l) => n + Number(l.droppedCount), 0));
     expect(peer.verdictBatches().every((b) => b.records.length <= 50)).toBe(true);
   }, 60_000);
+
+  it('a detection that does not fit the spool is dropped, counted and reported in a LossRecord (also one dropped while the link was down)', async () => {
+    const peer = await startPeer();
+    const dir = tempDir();
+    const sock = join(dir, 'k.sock');
+    // A spool smaller than one detection: every detection is dropped.
+    const h = await startAgent({ socketPath: sock, peer, link: { spoolMaxBytes: 64 }, stateDir: join(dir, 'state') });
+    const { vm } = await startVm(sock, { vcpus: 1, seed: 17 });
+    await protectedVm(h, vm);
+    await peer.waitFor(() => peer.vmAttached().length === 1);
+    const cpu = vm.vcpus[0]!;
+    const attack = async (): Promise<void> => {
+      cpu.cpu.sregs.cr0 |= CR0_WP;
+      const r = await cpu.writeCr(0, cpu.cpu.sregs.cr0 & ~CR0_WP); // denied locally: a detection
+      expect(r.events).toHaveLength(1);
+      expect(cpu.cpu.sregs.cr0 & CR0_WP).toBe(CR0_WP);
+    };
+    const detectionLosses = () => peer.losses().filter((l) => l.recordType === LostRecordType.LOST_RECORD_TYPE_DETECTION);
+    const lostCount = () => detectionLosses().reduce((n, l) => n + Number(l.droppedCount), 0);
+    for (let i = 0; i < 3; i++) await attack();
+    await peer.waitFor(() => lostCount() === 3, 5000, 'three detections reported lost');
+    for (const l of detectionLosses()) {
+      expect(l).toMatchObject({ vmUuid: uuidBytes(vm), sessionGeneration: peer.vmAttached()[0]!.sessionGeneration, reason: LossReason.LOSS_REASON_QUEUE_FULL });
+      expect(l.windowEndUnixNs >= l.windowStartUnixNs).toBe(true);
+    }
+    expect(peer.detections()).toEqual([]);
+    expect(metric(h, 'periscope_agent_detections_dropped_total')).toBe(3);
+    expect(h.logs.filter((l) => l.includes('detection spool full'))).toHaveLength(3);
+    // Dropped while analysis is down: the count waits for the next stream.
+    await peer.kill();
+    await until(() => !h.agent.link!.client.up, 5000, 'the agent to see the stream down');
+    await attack();
+    expect(metric(h, 'periscope_agent_detections_dropped_total')).toBe(4);
+    await peer.start();
+    await peer.waitFor(() => lostCount() === 4, 10_000, 'the fourth loss reported after the reconnect');
+  });
 
   it('hand-encoded verdict batches decode with the generated code, including u64 values with the high bit set', () => {
     const writes: Buffer[] = [];
