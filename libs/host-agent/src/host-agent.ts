@@ -182,6 +182,7 @@ export class HostAgent {
     r.gauge('periscope_agent_spool_bytes', 'detection spool size in bytes').track(() => link.spool.bytes);
     r.gauge('periscope_agent_spool_detections', 'detections spooled, not yet acknowledged').track(() => link.spool.count);
     r.gauge('periscope_agent_detections_dropped_total', 'detections dropped: spool full').track(() => link.spool.stats.dropped);
+    r.gauge('periscope_agent_detections_rate_limited_total', 'detections not raised: the VM exceeded --detection-rate (each counted in a loss record)').track(() => link.stats.detectionsRateLimited);
     r.gauge('periscope_agent_ask_central_held', 'events currently held for a central verdict').track(() => link.held.size);
     const ask = r.gauge('periscope_agent_ask_central_total', 'ask-central events, by outcome');
     ask.track(() => h.central, { outcome: 'central' });

@@ -85,6 +85,13 @@ export interface LinkConfig {
   batchMax?: number;
   /** Detection spool bound in bytes (default 64 MiB). */
   spoolMaxBytes?: number;
+  /**
+   * Detections raised per VM and second at most (token bucket, a burst of one second's worth; default 1000;
+   * 0 = unlimited). Beyond it a detection is counted, not raised — reported in a LossRecord (DETECTION,
+   * RATE_LIMITED) — so a guest storming a denied write cannot turn the agent's event loop, disk and link into
+   * its own, and stall the other VMs' replies. The event's verdict record is reported as always.
+   */
+  detectionRatePerVm?: number;
   backoff?: Partial<BackoffOptions>;
   keepaliveMs?: number;
   /** Events held for central at once when the policy does not say (default 1024). */
@@ -194,6 +201,9 @@ class ReportCtx {
 interface VmLinkState {
   readonly link: LinkVm;
   readonly ctx: ReportCtx[];
+  /** Detection token bucket (`detectionRatePerVm`). */
+  tokens: number;
+  tokensAtMs: number;
 }
 
 const SEVERITY_PROTO = [Severity.SEVERITY_UNSPECIFIED, Severity.SEVERITY_INFO, Severity.SEVERITY_LOW, Severity.SEVERITY_MEDIUM, Severity.SEVERITY_HIGH, Severity.SEVERITY_CRITICAL];
@@ -240,13 +250,16 @@ export class LinkRuntime {
     ruleId: '',
     policyVersion: 0,
   };
-  readonly stats = { verdictsLocal: 0, verdictsCentral: 0, verdictsDefault: 0, detections: 0, policyInstalls: 0, pauseControls: 0, detectionLossRecords: 0 };
-  /** Detections dropped (spool full) per VM session, not yet reported in a LossRecord. */
-  private readonly detectionsLost = new Map<string, { link: LinkVm; count: number; sinceMs: number }>();
+  readonly stats = { verdictsLocal: 0, verdictsCentral: 0, verdictsDefault: 0, detections: 0, policyInstalls: 0, pauseControls: 0, detectionLossRecords: 0, detectionsRateLimited: 0 };
+  /** Detections not raised (spool full, rate-limited) per VM session and reason, not yet reported in a LossRecord. */
+  private readonly detectionsLost = new Map<string, { link: LinkVm; reason: LossReason; count: number; sinceMs: number }>();
+  private lossesScheduled = false;
+  private readonly detectionRate: number;
 
   constructor(private readonly opts: LinkRuntimeOptions) {
     const cfg = opts.config;
     this.allow = new Set(cfg.allowCommands ?? []);
+    this.detectionRate = cfg.detectionRatePerVm ?? 1000;
     opts.policies.allow = this.allow; // policies pushed by analysis are checked against the same list
     this.heldMeta.hostId = opts.hostId;
     this.queue = new ReportQueue({ capacity: cfg.reportQueueSize ?? 65536, maxBatch: cfg.batchMax ?? 512, hostId: opts.hostId });
@@ -301,7 +314,7 @@ export class LinkRuntime {
     let s = this.states.get(vm);
     if (!s) {
       const uuidBytes = Buffer.from(vm.uuid.replace(/-/g, ''), 'hex');
-      s = { link: { uuid: vm.uuid, uuidBytes, generation: vm.info?.sessionGeneration ?? 0 }, ctx: [] };
+      s = { link: { uuid: vm.uuid, uuidBytes, generation: vm.info?.sessionGeneration ?? 0 }, ctx: [], tokens: this.detectionRate, tokensAtMs: nowMs() };
       this.states.set(vm, s);
     }
     return s;
@@ -417,6 +430,18 @@ export class LinkRuntime {
       this.queue.push(st.link, vcpu, seq, ctx.eventId, ctx.tier, ctx.reason, action, newVal !== undefined, lo, hi, ctx.ruleIndex, ctx.exceptionIndex, ctx.policy!, latencyNs, ctx.receivedMs, ctx.withEvent ? ctx.frame : null);
     }
     if (ctx.severity > 0 && ctx.frame) {
+      if (!this.takeDetectionToken(st)) {
+        this.detectionLost(st.link, LossReason.LOSS_REASON_RATE_LIMITED);
+        this.stats.detectionsRateLimited++;
+        if (!this.lossesScheduled) {
+          this.lossesScheduled = true;
+          setImmediate(() => {
+            this.lossesScheduled = false;
+            this.sendSpool();
+          });
+        }
+        return;
+      }
       const snap = Object.assign(new ReportCtx(), ctx);
       this.pendingDetections.push({ vm, link: st.link, vcpu, ctx: snap, action, newVal, latencyNs, repliedMs: nowMs() });
       if (!this.detectionsScheduled) {
@@ -529,17 +554,29 @@ export class LinkRuntime {
   /** Detections waiting for their instruction bytes (drain() completes them before the spool is flushed). */
   private readonly enriching = new Set<Promise<void>>();
 
-  /** A detection did not fit the spool: counted per VM session, reported in a LossRecord (never silent). */
-  private detectionLost(link: LinkVm): void {
-    const key = `${link.uuid}/${link.generation}`;
+  /** One token of the VM's detection budget; false when spent (refilled at `detectionRatePerVm` per second). */
+  private takeDetectionToken(st: VmLinkState): boolean {
+    const rate = this.detectionRate;
+    if (rate <= 0) return true;
+    const now = nowMs();
+    st.tokens = Math.min(rate, st.tokens + ((now - st.tokensAtMs) * rate) / 1000);
+    st.tokensAtMs = now;
+    if (st.tokens < 1) return false;
+    st.tokens -= 1;
+    return true;
+  }
+
+  /** A detection was not raised (spool full, or rate-limited): counted per VM session and reason, reported in a LossRecord (never silent). */
+  private detectionLost(link: LinkVm, reason: LossReason = LossReason.LOSS_REASON_QUEUE_FULL): void {
+    const key = `${link.uuid}/${link.generation}/${reason}`;
     const l = this.detectionsLost.get(key);
     if (l) l.count++;
-    else this.detectionsLost.set(key, { link, count: 1, sinceMs: nowMs() });
+    else this.detectionsLost.set(key, { link, reason, count: 1, sinceMs: nowMs() });
   }
 
   /**
-   * One LossRecord (record type DETECTION, reason QUEUE_FULL: the spool is the detections' queue) per VM
-   * session with dropped detections, before the spooled ones. Kept while the link is down (in memory: an
+   * One LossRecord (record type DETECTION; reason QUEUE_FULL — the spool is the detections' queue — or
+   * RATE_LIMITED) per VM session and reason with detections not raised, before the spooled ones. Kept while the link is down (in memory: an
    * agent restart forgets the counts; `periscope_agent_detections_dropped_total` and the log keep them).
    */
   private sendDetectionLosses(): void {
@@ -549,7 +586,7 @@ export class LinkRuntime {
         $case: 'loss',
         value: LossRecord.fromPartial({
           vmUuid: l.link.uuidBytes, sessionGeneration: BigInt(l.link.generation), recordType: LostRecordType.LOST_RECORD_TYPE_DETECTION,
-          reason: LossReason.LOSS_REASON_QUEUE_FULL, droppedCount: BigInt(l.count), windowStartUnixNs: msToNs(l.sinceMs), windowEndUnixNs: msToNs(nowMs()),
+          reason: l.reason, droppedCount: BigInt(l.count), windowStartUnixNs: msToNs(l.sinceMs), windowEndUnixNs: msToNs(nowMs()),
         }),
       });
       this.detectionsLost.delete(key);

@@ -136,6 +136,41 @@ describe('agent link: stream', () => {
     await peer.waitFor(() => lostCount() === 4, 10_000, 'the fourth loss reported after the reconnect');
   });
 
+  it('detections beyond the per-VM rate are counted, not raised, and reported in RATE_LIMITED loss records; other VMs keep their budget; every verdict record still goes up', async () => {
+    const peer = await startPeer({ autoAckDetections: true });
+    const dir = tempDir();
+    const sock = join(dir, 'k.sock');
+    const h = await startAgent({ socketPath: sock, peer, link: { detectionRatePerVm: 5 } });
+    const a = await startVm(sock, { vcpus: 1, seed: 18, name: 'storm' });
+    const b = await startVm(sock, { vcpus: 1, seed: 19, name: 'quiet' });
+    await protectedVm(h, a.vm);
+    await protectedVm(h, b.vm);
+    await peer.waitFor(() => peer.vmAttached().length === 2);
+    const attack = async (cpu: (typeof a.vm.vcpus)[number]): Promise<void> => {
+      cpu.cpu.sregs.cr0 |= CR0_WP;
+      const r = await cpu.writeCr(0, cpu.cpu.sregs.cr0 & ~CR0_WP); // denied locally: a detection (within budget)
+      expect(r.events).toHaveLength(1);
+      expect(cpu.cpu.sregs.cr0 & CR0_WP).toBe(CR0_WP); // the protection itself is never rate-limited
+    };
+    const storm = 60;
+    const t0 = performance.now();
+    for (let i = 0; i < storm; i++) await attack(a.vm.vcpus[0]!);
+    const stormS = (performance.now() - t0) / 1000;
+    await attack(b.vm.vcpus[0]!);
+    const of = (vm: typeof a.vm) => (x: { vmUuid: Uint8Array }) => Buffer.from(x.vmUuid).equals(uuidBytes(vm));
+    const limited = () => peer.losses().filter((l) => l.recordType === LostRecordType.LOST_RECORD_TYPE_DETECTION && l.reason === LossReason.LOSS_REASON_RATE_LIMITED);
+    const raisedA = () => peer.detections().filter(of(a.vm)).length;
+    const lostA = () => limited().filter(of(a.vm)).reduce((n, l) => n + Number(l.droppedCount), 0);
+    // Every attack is accounted for exactly once: raised, or counted in a loss record.
+    await peer.waitFor(() => raisedA() + lostA() === storm && peer.detections().some(of(b.vm)), 10_000, 'every detection raised or counted');
+    expect(raisedA()).toBeGreaterThanOrEqual(5); // the burst
+    expect(raisedA()).toBeLessThanOrEqual(5 + Math.ceil(5 * (stormS + 0.1))); // the burst + the refill over the storm's time
+    expect(lostA()).toBe(metric(h, 'periscope_agent_detections_rate_limited_total'));
+    expect(limited().filter(of(b.vm))).toEqual([]); // the quiet VM had its own budget
+    // The verdict records are not rate-limited: one per attack.
+    await peer.waitFor(() => peer.verdictRecords().filter((r) => r.ruleId === 'cr0-wp-clear' && of(a.vm)(r)).length === storm, 10_000, 'every verdict record');
+  });
+
   it('hand-encoded verdict batches decode with the generated code, including u64 values with the high bit set', () => {
     const writes: Buffer[] = [];
     let seq = 0;
