@@ -181,6 +181,7 @@ export class HostAgent {
     r.gauge('periscope_agent_loss_records_total', 'loss records sent').track(() => q.stats.lossRecords);
     r.gauge('periscope_agent_spool_bytes', 'detection spool size in bytes').track(() => link.spool.bytes);
     r.gauge('periscope_agent_spool_detections', 'detections spooled, not yet acknowledged').track(() => link.spool.count);
+    r.gauge('periscope_agent_detections_total', 'detections raised (spooled and sent to analysis)').track(() => link.stats.detections);
     r.gauge('periscope_agent_detections_dropped_total', 'detections dropped: spool full').track(() => link.spool.stats.dropped);
     r.gauge('periscope_agent_detections_rate_limited_total', 'detections not raised: the VM exceeded --detection-rate (each counted in a loss record)').track(() => link.stats.detectionsRateLimited);
     r.gauge('periscope_agent_ask_central_held', 'events currently held for a central verdict').track(() => link.held.size);
