@@ -31,6 +31,7 @@ export const hostAgentSchema = defineSchema({
     'report-batch': { kind: 'integer', min: 1, max: 65536, default: 512, description: 'most records per EventBatch/VerdictBatch message' },
     'spool-max-bytes': { kind: 'integer', min: 4096, max: 68719476736, default: 67108864, description: 'bound of the detection spool in bytes; a detection that does not fit is dropped, counted and reported in a loss record' },
     'detection-rate': { kind: 'integer', min: 0, max: 1000000, default: 1000, description: 'detections raised per VM and second at most (a burst of one second\'s worth); beyond it they are counted, not raised, and reported in a loss record (RATE_LIMITED), so a guest storming a denied write cannot stall the other VMs\' replies; 0 = unlimited' },
+    'detection-rate-host': { kind: 'integer', min: 0, max: 1000000, default: 2000, description: 'the same over all VMs of this host together (several VMs storming at once); every VM keeps 10 a second of its own outside it, so one VM cannot silence another\'s detections; 0 = unlimited' },
     'link-backoff-max': { kind: 'duration', min: '100ms', max: '5m', default: '10s', description: 'longest wait between reconnect attempts (jittered exponential backoff from 100ms)' },
     'max-held-events': { kind: 'integer', min: 1, max: 1000000, default: 1024, description: 'events held for central verdicts at once, unless the policy says (beyond it: the default at once)' },
     'host-id': { kind: 'string', description: 'this host\'s id in the fleet (default: the hostname)' },
@@ -125,6 +126,7 @@ export async function runHostAgent(argv: string[]): Promise<number> {
       batchMax: v['report-batch'],
       spoolMaxBytes: v['spool-max-bytes'],
       detectionRatePerVm: v['detection-rate'],
+      detectionRatePerHost: v['detection-rate-host'],
       maxHeldEvents: v['max-held-events'],
       backoff: { maxMs: v['link-backoff-max'] },
     };

@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // Detection storm: what a guest storming a denied write that raises a detection does to ANOTHER VM's replies
-// on the same host agent — with `--detection-rate 0` (every detection raised) and with the default
-// (1000 per VM and second; the rest counted in RATE_LIMITED loss records).
+// on the same host agent — with `--detection-rate 0 --detection-rate-host 0` (every detection raised) and with
+// the defaults (1000 per VM and second, 2000 per host; the rest counted in RATE_LIMITED loss records).
 //
 //   storm VM  1 VM × 4 vCPUs, 4 events in flight: CR0.WP clears, denied by a rule with a severity (a detection
 //             each: frame copy, event decode, instruction read over KVMI, spool writes, send to analysis)
@@ -63,7 +63,7 @@ async function main() {
   const startAgent = async (rate) => {
     metricsPort = 20000 + Math.floor(Math.random() * 20000);
     const agent = track(
-      spawn(process.execPath, [join(root, 'bin/periscope'), 'host-agent', '--kvmi-listen', `unix:${dir}/k.sock`, '--cookie-file', join(dir, 'cookie'), '--policy', join(dir, 'policy.json'), '--analysis', address, '--api-listen', `unix:${dir}/api.sock`, '--metrics-listen', `127.0.0.1:${metricsPort}`, '--state-dir', join(dir, `state-${rate}`), '--detection-rate', String(rate), '--log-level', 'error'], { stdio: ['ignore', 'ignore', 'inherit'] }),
+      spawn(process.execPath, [join(root, 'bin/periscope'), 'host-agent', '--kvmi-listen', `unix:${dir}/k.sock`, '--cookie-file', join(dir, 'cookie'), '--policy', join(dir, 'policy.json'), '--analysis', address, '--api-listen', `unix:${dir}/api.sock`, '--metrics-listen', `127.0.0.1:${metricsPort}`, '--state-dir', join(dir, `state-${rate}`), '--detection-rate', String(rate), ...(rate === 0 ? ['--detection-rate-host', '0'] : []), '--log-level', 'error'], { stdio: ['ignore', 'ignore', 'inherit'] }),
     );
     await until(() => existsSync(join(dir, 'api.sock')), 30000, 'the agent API');
     await until(async () => (await metric(metricsPort, 'periscope_agent_link_state')) === 2, 30000, 'the link to the peer');

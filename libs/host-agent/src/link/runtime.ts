@@ -92,6 +92,13 @@ export interface LinkConfig {
    * its own, and stall the other VMs' replies. The event's verdict record is reported as always.
    */
   detectionRatePerVm?: number;
+  /**
+   * The same over all the host's VMs together (default 2000; 0 = unlimited): several VMs storming at once must
+   * not add up to more than the agent can raise (about 3,600 a second with the spool on disk, docs/benchmarks.md).
+   * Each VM keeps a floor of its own (`DETECTION_FLOOR_PER_VM` a second) outside the host budget, so one tenant
+   * storming cannot use up the host's budget and silence another VM's detections.
+   */
+  detectionRatePerHost?: number;
   backoff?: Partial<BackoffOptions>;
   keepaliveMs?: number;
   /** Events held for central at once when the policy does not say (default 1024). */
@@ -204,7 +211,12 @@ interface VmLinkState {
   /** Detection token bucket (`detectionRatePerVm`). */
   tokens: number;
   tokensAtMs: number;
+  /** This VM's floor outside the host budget (`DETECTION_FLOOR_PER_VM`). */
+  readonly floor: { tokens: number; tokensAtMs: number };
 }
+
+/** Detections a second every VM may raise whatever the host-wide budget (still within its own). */
+export const DETECTION_FLOOR_PER_VM = 10;
 
 const SEVERITY_PROTO = [Severity.SEVERITY_UNSPECIFIED, Severity.SEVERITY_INFO, Severity.SEVERITY_LOW, Severity.SEVERITY_MEDIUM, Severity.SEVERITY_HIGH, Severity.SEVERITY_CRITICAL];
 const NS_PER_MS = 1e6;
@@ -255,11 +267,17 @@ export class LinkRuntime {
   private readonly detectionsLost = new Map<string, { link: LinkVm; reason: LossReason; count: number; sinceMs: number }>();
   private lossesScheduled = false;
   private readonly detectionRate: number;
+  private readonly hostDetectionRate: number;
+  /** The host-wide detection token bucket (`detectionRatePerHost`). */
+  private readonly hostTokens = { tokens: 0, tokensAtMs: 0 };
 
   constructor(private readonly opts: LinkRuntimeOptions) {
     const cfg = opts.config;
     this.allow = new Set(cfg.allowCommands ?? []);
     this.detectionRate = cfg.detectionRatePerVm ?? 1000;
+    this.hostDetectionRate = cfg.detectionRatePerHost ?? 2000;
+    this.hostTokens.tokens = this.hostDetectionRate;
+    this.hostTokens.tokensAtMs = nowMs();
     opts.policies.allow = this.allow; // policies pushed by analysis are checked against the same list
     this.heldMeta.hostId = opts.hostId;
     this.queue = new ReportQueue({ capacity: cfg.reportQueueSize ?? 65536, maxBatch: cfg.batchMax ?? 512, hostId: opts.hostId });
@@ -314,7 +332,7 @@ export class LinkRuntime {
     let s = this.states.get(vm);
     if (!s) {
       const uuidBytes = Buffer.from(vm.uuid.replace(/-/g, ''), 'hex');
-      s = { link: { uuid: vm.uuid, uuidBytes, generation: vm.info?.sessionGeneration ?? 0 }, ctx: [], tokens: this.detectionRate, tokensAtMs: nowMs() };
+      s = { link: { uuid: vm.uuid, uuidBytes, generation: vm.info?.sessionGeneration ?? 0 }, ctx: [], tokens: this.detectionRate, tokensAtMs: nowMs(), floor: { tokens: DETECTION_FLOOR_PER_VM, tokensAtMs: nowMs() } };
       this.states.set(vm, s);
     }
     return s;
@@ -554,15 +572,19 @@ export class LinkRuntime {
   /** Detections waiting for their instruction bytes (drain() completes them before the spool is flushed). */
   private readonly enriching = new Set<Promise<void>>();
 
-  /** One token of the VM's detection budget; false when spent (refilled at `detectionRatePerVm` per second). */
+  /**
+   * One token of the VM's detection budget, and of its floor or else the host's; false when spent (buckets
+   * refilled at `detectionRatePerVm`, `DETECTION_FLOOR_PER_VM` and `detectionRatePerHost` a second).
+   */
   private takeDetectionToken(st: VmLinkState): boolean {
-    const rate = this.detectionRate;
-    if (rate <= 0) return true;
     const now = nowMs();
-    st.tokens = Math.min(rate, st.tokens + ((now - st.tokensAtMs) * rate) / 1000);
-    st.tokensAtMs = now;
-    if (st.tokens < 1) return false;
-    st.tokens -= 1;
+    if (!refill(st, this.detectionRate, now)) return false;
+    if (this.hostDetectionRate > 0) {
+      if (refill(st.floor, DETECTION_FLOOR_PER_VM, now)) st.floor.tokens -= 1;
+      else if (refill(this.hostTokens, this.hostDetectionRate, now)) this.hostTokens.tokens -= 1;
+      else return false;
+    }
+    if (this.detectionRate > 0) st.tokens -= 1;
     return true;
   }
 
@@ -795,6 +817,14 @@ export class LinkRuntime {
       });
     }
   }
+}
+
+/** Refill a token bucket (`rate` per second, at most one second's worth); true when a token is there (0 = unlimited). */
+function refill(b: { tokens: number; tokensAtMs: number }, rate: number, now: number): boolean {
+  if (rate <= 0) return true;
+  b.tokens = Math.min(rate, b.tokens + ((now - b.tokensAtMs) * rate) / 1000);
+  b.tokensAtMs = now;
+  return b.tokens >= 1;
 }
 
 function hex(v: bigint): string {

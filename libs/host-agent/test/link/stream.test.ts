@@ -171,6 +171,35 @@ describe('agent link: stream', () => {
     await peer.waitFor(() => peer.verdictRecords().filter((r) => r.ruleId === 'cr0-wp-clear' && of(a.vm)(r)).length === storm, 10_000, 'every verdict record');
   });
 
+  it('the host-wide detection budget caps several VMs together, but a storming VM cannot use up another VM\'s floor', async () => {
+    const peer = await startPeer({ autoAckDetections: true });
+    const dir = tempDir();
+    const sock = join(dir, 'k.sock');
+    // No per-VM cap; 15 a second for the whole host.
+    const h = await startAgent({ socketPath: sock, peer, link: { detectionRatePerVm: 0, detectionRatePerHost: 15 } });
+    const a = await startVm(sock, { vcpus: 1, seed: 20, name: 'storm' });
+    const b = await startVm(sock, { vcpus: 1, seed: 21, name: 'victim' });
+    await protectedVm(h, a.vm);
+    await protectedVm(h, b.vm);
+    await peer.waitFor(() => peer.vmAttached().length === 2);
+    const attack = async (cpu: (typeof a.vm.vcpus)[number]): Promise<void> => {
+      cpu.cpu.sregs.cr0 |= CR0_WP;
+      await cpu.writeCr(0, cpu.cpu.sregs.cr0 & ~CR0_WP);
+      expect(cpu.cpu.sregs.cr0 & CR0_WP).toBe(CR0_WP);
+    };
+    const of = (vm: typeof a.vm) => (x: { vmUuid: Uint8Array }) => Buffer.from(x.vmUuid).equals(uuidBytes(vm));
+    const limited = (vm: typeof a.vm) => peer.losses().filter((l) => l.recordType === LostRecordType.LOST_RECORD_TYPE_DETECTION && l.reason === LossReason.LOSS_REASON_RATE_LIMITED && of(vm)(l)).reduce((n, l) => n + Number(l.droppedCount), 0);
+    const t0 = performance.now();
+    for (let i = 0; i < 80; i++) await attack(a.vm.vcpus[0]!); // uses its floor, then the whole host budget
+    for (let i = 0; i < 5; i++) await attack(b.vm.vcpus[0]!); // the victim: within its own floor
+    const elapsedS = (performance.now() - t0) / 1000;
+    await peer.waitFor(() => peer.detections().filter(of(a.vm)).length + limited(a.vm) === 80 && peer.detections().filter(of(b.vm)).length === 5, 10_000, 'every attack accounted for');
+    // The storm got its floor (10) and the host budget (15) plus their refill over the run, not 80.
+    expect(peer.detections().filter(of(a.vm)).length).toBeLessThanOrEqual(10 + 15 + Math.ceil((10 + 15) * (elapsedS + 0.1)));
+    expect(limited(a.vm)).toBeGreaterThan(0);
+    expect(limited(b.vm)).toBe(0); // every one of the victim's detections raised
+  });
+
   it('hand-encoded verdict batches decode with the generated code, including u64 values with the high bit set', () => {
     const writes: Buffer[] = [];
     let seq = 0;
