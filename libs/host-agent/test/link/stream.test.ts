@@ -8,8 +8,23 @@ import { LinkRequest, LossReason, LostRecordType, VerdictTier } from '@periscope
 import { cleanup, CR0_WP, CR4_PGE, protectedVm, startAgent, startPeer, startVm, tempDir, testPolicy, until, uuidBytes, metric } from './fixture.js';
 import { PbWriter } from '../../src/link/wire.js';
 import { ReportQueue, type BatchSink } from '../../src/link/outbound-queue.js';
+import type { SimVm } from '@periscope/simulator';
+import type { AnalysisPeer } from '@periscope/testing';
 
 afterEach(cleanup);
+
+/** A guest CR0.WP clear, denied locally by testPolicy's cr0-wp-clear rule (a detection): one event, WP kept. */
+async function clearWp(cpu: SimVm['vcpus'][number]): Promise<void> {
+  cpu.cpu.sregs.cr0 |= CR0_WP;
+  const r = await cpu.writeCr(0, cpu.cpu.sregs.cr0 & ~CR0_WP);
+  expect(r.events).toHaveLength(1);
+  expect(cpu.cpu.sregs.cr0 & CR0_WP).toBe(CR0_WP); // the protection itself is never rate-limited or dropped
+}
+
+/** Counts per VM: detections delivered, and detections counted in RATE_LIMITED loss records. */
+const ofVm = (vm: SimVm) => (x: { vmUuid: Uint8Array }): boolean => Buffer.from(x.vmUuid).equals(uuidBytes(vm));
+const rateLimited = (peer: AnalysisPeer, vm: SimVm): number =>
+  peer.losses().filter((l) => l.recordType === LostRecordType.LOST_RECORD_TYPE_DETECTION && l.reason === LossReason.LOSS_REASON_RATE_LIMITED && ofVm(vm)(l)).reduce((n, l) => n + Number(l.droppedCount), 0);
 
 describe('agent link: stream', () => {
   it('dials out, sends hello then one VmAttached per VM (with session generations), again after a reconnect', async () => {
@@ -110,12 +125,7 @@ describe('agent link: stream', () => {
     await protectedVm(h, vm);
     await peer.waitFor(() => peer.vmAttached().length === 1);
     const cpu = vm.vcpus[0]!;
-    const attack = async (): Promise<void> => {
-      cpu.cpu.sregs.cr0 |= CR0_WP;
-      const r = await cpu.writeCr(0, cpu.cpu.sregs.cr0 & ~CR0_WP); // denied locally: a detection
-      expect(r.events).toHaveLength(1);
-      expect(cpu.cpu.sregs.cr0 & CR0_WP).toBe(CR0_WP);
-    };
+    const attack = (): Promise<void> => clearWp(cpu);
     const detectionLosses = () => peer.losses().filter((l) => l.recordType === LostRecordType.LOST_RECORD_TYPE_DETECTION);
     const lostCount = () => detectionLosses().reduce((n, l) => n + Number(l.droppedCount), 0);
     for (let i = 0; i < 3; i++) await attack();
@@ -146,27 +156,21 @@ describe('agent link: stream', () => {
     await protectedVm(h, a.vm);
     await protectedVm(h, b.vm);
     await peer.waitFor(() => peer.vmAttached().length === 2);
-    const attack = async (cpu: (typeof a.vm.vcpus)[number]): Promise<void> => {
-      cpu.cpu.sregs.cr0 |= CR0_WP;
-      const r = await cpu.writeCr(0, cpu.cpu.sregs.cr0 & ~CR0_WP); // denied locally: a detection (within budget)
-      expect(r.events).toHaveLength(1);
-      expect(cpu.cpu.sregs.cr0 & CR0_WP).toBe(CR0_WP); // the protection itself is never rate-limited
-    };
+    const attack = clearWp;
     const storm = 60;
     const t0 = performance.now();
     for (let i = 0; i < storm; i++) await attack(a.vm.vcpus[0]!);
     const stormS = (performance.now() - t0) / 1000;
     await attack(b.vm.vcpus[0]!);
-    const of = (vm: typeof a.vm) => (x: { vmUuid: Uint8Array }) => Buffer.from(x.vmUuid).equals(uuidBytes(vm));
-    const limited = () => peer.losses().filter((l) => l.recordType === LostRecordType.LOST_RECORD_TYPE_DETECTION && l.reason === LossReason.LOSS_REASON_RATE_LIMITED);
+    const of = ofVm;
     const raisedA = () => peer.detections().filter(of(a.vm)).length;
-    const lostA = () => limited().filter(of(a.vm)).reduce((n, l) => n + Number(l.droppedCount), 0);
+    const lostA = () => rateLimited(peer, a.vm);
     // Every attack is accounted for exactly once: raised, or counted in a loss record.
     await peer.waitFor(() => raisedA() + lostA() === storm && peer.detections().some(of(b.vm)), 10_000, 'every detection raised or counted');
     expect(raisedA()).toBeGreaterThanOrEqual(5); // the burst
     expect(raisedA()).toBeLessThanOrEqual(5 + Math.ceil(5 * (stormS + 0.1))); // the burst + the refill over the storm's time
     expect(lostA()).toBe(metric(h, 'periscope_agent_detections_rate_limited_total'));
-    expect(limited().filter(of(b.vm))).toEqual([]); // the quiet VM had its own budget
+    expect(rateLimited(peer, b.vm)).toBe(0); // the quiet VM had its own budget
     // The verdict records are not rate-limited: one per attack.
     await peer.waitFor(() => peer.verdictRecords().filter((r) => r.ruleId === 'cr0-wp-clear' && of(a.vm)(r)).length === storm, 10_000, 'every verdict record');
   });
@@ -182,13 +186,9 @@ describe('agent link: stream', () => {
     await protectedVm(h, a.vm);
     await protectedVm(h, b.vm);
     await peer.waitFor(() => peer.vmAttached().length === 2);
-    const attack = async (cpu: (typeof a.vm.vcpus)[number]): Promise<void> => {
-      cpu.cpu.sregs.cr0 |= CR0_WP;
-      await cpu.writeCr(0, cpu.cpu.sregs.cr0 & ~CR0_WP);
-      expect(cpu.cpu.sregs.cr0 & CR0_WP).toBe(CR0_WP);
-    };
-    const of = (vm: typeof a.vm) => (x: { vmUuid: Uint8Array }) => Buffer.from(x.vmUuid).equals(uuidBytes(vm));
-    const limited = (vm: typeof a.vm) => peer.losses().filter((l) => l.recordType === LostRecordType.LOST_RECORD_TYPE_DETECTION && l.reason === LossReason.LOSS_REASON_RATE_LIMITED && of(vm)(l)).reduce((n, l) => n + Number(l.droppedCount), 0);
+    const attack = clearWp;
+    const of = ofVm;
+    const limited = (vm: SimVm): number => rateLimited(peer, vm);
     const t0 = performance.now();
     for (let i = 0; i < 80; i++) await attack(a.vm.vcpus[0]!); // uses its floor, then the whole host budget
     for (let i = 0; i < 5; i++) await attack(b.vm.vcpus[0]!); // the victim: within its own floor
