@@ -344,7 +344,7 @@ async function handleHttp(a: Analysis, req: IncomingMessage, res: ServerResponse
       const vm = await a.store.findVm(decodeURIComponent(m[1]!));
       if (!vm) throw new HttpError(404, 'not-found', `no VM ${m[1]}`);
       const live = a.liveVms.get(vm.uuid);
-      return send(res, 200, { vm: { ...vm, protection: live?.protection ?? vm.protection, heki: (await a.heki.viewsByUuid(vm.uuid)).get(vm.uuid) ?? null }, counters: await a.store.vmCounters(vm.uuid), stall: live?.stall ?? null, recentEvents: live?.ring ?? [], commands: await a.store.listCommands(vm.uuid, 50) });
+      return send(res, 200, { vm: { ...vm, protection: live?.protection ?? vm.protection, heki: (await a.heki.viewsByUuid(vm.uuid)).get(vm.uuid) ?? null }, counters: await a.store.vmCounters(vm.uuid), stall: live?.stall ?? null, recentEvents: live?.ring ?? [], commands: await a.store.listCommands(vm.uuid, 50), losses: await a.store.listLosses(vm.uuid) });
     }
     if ((m = /^\/v1\/vms\/([^/]+)\/labels$/.exec(path)) && (method === 'PUT' || method === 'POST')) {
       const body = await readJson(req);

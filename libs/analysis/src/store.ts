@@ -384,8 +384,12 @@ export class Store {
     );
   }
 
-  async listLosses(): Promise<R[]> {
-    return (await this.db.query('SELECT * FROM losses ORDER BY host_id, vm_uuid')).map((r) => ({ hostId: r['host_id'], vm: r['vm_uuid'], recordType: r['record_type'], reason: r['reason'], count: big(r['count']) }));
+  /** Records the agents reported lost (LossRecord sums), for every VM or one VM. */
+  async listLosses(vm?: string): Promise<R[]> {
+    const rows = vm === undefined
+      ? await this.db.query('SELECT * FROM losses ORDER BY host_id, vm_uuid, record_type, reason')
+      : await this.db.query('SELECT * FROM losses WHERE vm_uuid = $1 ORDER BY host_id, record_type, reason', [vm]);
+    return rows.map((r) => ({ hostId: r['host_id'], vm: r['vm_uuid'], recordType: r['record_type'], reason: r['reason'], count: big(r['count']) }));
   }
 
   // ---- alerts ----

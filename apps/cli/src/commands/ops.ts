@@ -111,7 +111,7 @@ const vmIdPos = [{ name: 'vm', description: 'VM name or UUID' }] as const;
 const vmShow = (argv: string[], io: OutIo) =>
   runOp({
     command: 'vm show',
-    summary: "One VM: identity, host, session, labels, policy, protection, counters, vCPU stall, its latest events and the commands analysis sent it.",
+    summary: "One VM: identity, host, session, labels, policy, protection, counters, records its agent reported lost (e.g. detections rate-limited), vCPU stall, its latest events and the commands analysis sent it.",
     examples: ['periscope vm show sim-vm-0', 'periscope vm show 67343f0a-d344-491d-a398-98aafb277447 --json'],
     schema: opSchema({}, vmIdPos),
     run: async (c) => {
@@ -131,6 +131,7 @@ const vmShow = (argv: string[], io: OutIo) =>
           ['policy', str(vm.policyName) || c.p.dim('none')],
           ['protection', protectionText(vm.protection, c.p)],
           ['counters', Object.entries(obj(body.counters)).filter(([, n]) => typeof n === 'number' || typeof n === 'string').map(([k, n]) => `${k} ${str(n)}`).join(', ') || c.p.dim('none')],
+          ['lost records', arr(body.losses).map((l) => `${str(l.recordType)} ${str(l.reason)} ${str(l.count)}`).join(', ') || c.p.dim('none')],
           ['vCPU stall', stall.verdicts ? `${str(stall.verdicts)} verdicts, mean ${Math.round(Number(stall.totalNs) / Math.max(1, Number(stall.verdicts)) / 1000)} µs, max ${Math.round(Number(stall.maxNs) / 1000)} µs` : c.p.dim('no verdicts reported')],
         ],
         c.p,
