@@ -60,16 +60,19 @@ describe('periscope host-agent (process)', () => {
     const dir = mkdtempSync(join(tmpdir(), 'hap-'));
     cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
     writeFileSync(join(dir, 'cookie'), 'proc-secret');
-    const port = 20000 + Math.floor(Math.random() * 20000);
     const child: ChildProcess = spawn(
       process.execPath,
-      [bin, 'host-agent', '--kvmi-listen', `unix:${dir}/k.sock`, '--cookie-file', join(dir, 'cookie'), '--api-listen', `unix:${dir}/api.sock`, '--metrics-listen', `127.0.0.1:${port}`],
+      [bin, 'host-agent', '--kvmi-listen', `unix:${dir}/k.sock`, '--cookie-file', join(dir, 'cookie'), '--api-listen', `unix:${dir}/api.sock`, '--metrics-listen', '127.0.0.1:0'],
       { stdio: ['ignore', 'ignore', 'pipe'] },
     );
     let stderr = '';
     child.stderr!.on('data', (c: Buffer) => (stderr += c.toString()));
     cleanups.push(() => child.kill('SIGKILL'));
     await until(() => existsSync(join(dir, 'api.sock')));
+    // Port 0: the kernel picks a free port and the agent logs the one it bound (a random fixed port could be
+    // an ephemeral port another test has open).
+    await until(() => /"msg":"metrics listening".*"address":"127\.0\.0\.1:[1-9]\d*"/.test(stderr));
+    const port = Number(/"msg":"metrics listening".*"address":"127\.0\.0\.1:(\d+)"/.exec(stderr)![1]);
     const vm = new SimVm({ vcpus: 2, seed: 11, apsOnline: true, name: 'proc-vm' });
     const qemu = new SimQemu(vm, { path: join(dir, 'k.sock'), key: Buffer.from('proc-secret'), reconnectSeconds: 30 });
     cleanups.push(() => qemu.stop());

@@ -17,7 +17,7 @@ import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { buildReplay, loadavg, measured, metric, recordingProxy, startGen, stopGen, templatesFile, track, until, vmStates } from './replay-driver.mjs';
+import { buildReplay, freePort, loadavg, measured, metric, recordingProxy, startGen, stopGen, templatesFile, track, until, vmStates } from './replay-driver.mjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const root = join(here, '../../..');
@@ -61,7 +61,7 @@ async function main() {
   );
   let metricsPort = 0;
   const startAgent = async (rate) => {
-    metricsPort = 20000 + Math.floor(Math.random() * 20000);
+    metricsPort = await freePort();
     const agent = track(
       spawn(process.execPath, [join(root, 'bin/periscope'), 'host-agent', '--kvmi-listen', `unix:${dir}/k.sock`, '--cookie-file', join(dir, 'cookie'), '--policy', join(dir, 'policy.json'), '--analysis', address, '--api-listen', `unix:${dir}/api.sock`, '--metrics-listen', `127.0.0.1:${metricsPort}`, '--state-dir', join(dir, `state-${rate}`), '--detection-rate', String(rate), ...(rate === 0 ? ['--detection-rate-host', '0'] : []), '--log-level', 'error'], { stdio: ['ignore', 'ignore', 'inherit'] }),
     );

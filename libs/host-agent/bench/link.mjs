@@ -30,7 +30,7 @@ import { cpus, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { cpuTimes, stealPercent } from '../../../bench/lib/results.mjs';
-import { buildReplay, loadavg, measured, metric, recordingProxy, startGen, stopGen, templatesFile, track, until, vmStates } from './replay-driver.mjs';
+import { buildReplay, freePort, loadavg, measured, metric, recordingProxy, startGen, stopGen, templatesFile, track, until, vmStates } from './replay-driver.mjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const root = join(here, '../../..');
@@ -125,7 +125,7 @@ async function main() {
     interception: { events: ['CR'], crs: [4], msrs: [] },
   };
   writeFileSync(join(dir, 'policy.json'), JSON.stringify(policy));
-  const metricsPort = 20000 + Math.floor(Math.random() * 20000);
+  const metricsPort = await freePort();
   const agent = track(
     spawn(process.execPath, [...NODE_ARGS, join(root, 'bin/periscope'), 'host-agent', '--kvmi-listen', `unix:${dir}/k.sock`, '--cookie-file', join(dir, 'cookie'), '--policy', join(dir, 'policy.json'), '--analysis', address, '--api-listen', `unix:${dir}/api.sock`, '--metrics-listen', `127.0.0.1:${metricsPort}`, '--log-level', 'warn'], { stdio: ['ignore', 'ignore', 'inherit'] }),
   );

@@ -25,6 +25,19 @@ export function buildReplay(dir) {
   return bin;
 }
 
+/**
+ * A loopback TCP port free right now (bound to 0 by the kernel, then released) for an agent's --metrics-listen.
+ * A random port could be one of the many ephemeral ports a concurrent test run has open (`npm test` runs the
+ * short bench beside everything else), and the agent would not start.
+ */
+export async function freePort() {
+  const { createServer } = await import('node:net');
+  const s = createServer();
+  await new Promise((r, reject) => s.once('error', reject).listen(0, '127.0.0.1', r));
+  const { port } = s.address();
+  await new Promise((r) => s.close(r));
+  return port;
+}
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 export async function until(cond, ms = 60000, what = 'condition') {
   const t0 = Date.now();

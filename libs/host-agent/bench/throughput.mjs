@@ -29,7 +29,7 @@ import { cpus, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
-import { buildReplay, loadavg, measured, metric, recordingProxy, sleep, startGen, stopGen, templatesFile, track, until, vmStates } from './replay-driver.mjs';
+import { buildReplay, freePort, loadavg, measured, metric, recordingProxy, sleep, startGen, stopGen, templatesFile, track, until, vmStates } from './replay-driver.mjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const root = join(here, '../../..');
@@ -86,7 +86,7 @@ async function main() {
   if (REPORT_ALL) defaults.defaultReport = 'always';
   const policy = verdicts.generatePolicy({ count: 120, seed: 7, base: verdicts.parsePolicy(defaults, 'bench base') });
   writeFileSync(join(dir, 'policy.json'), verdicts.formatPolicy(policy));
-  const metricsPort = 20000 + Math.floor(Math.random() * 20000);
+  const metricsPort = await freePort();
   const agent = track(
     spawn(process.execPath, [join(root, 'bin/periscope'), 'host-agent', '--kvmi-listen', `unix:${dir}/k.sock`, '--cookie-file', join(dir, 'cookie'), '--policy', join(dir, 'policy.json'), '--analysis', address, '--api-listen', `unix:${dir}/api.sock`, '--metrics-listen', `127.0.0.1:${metricsPort}`, '--log-level', 'warn'], { stdio: ['ignore', 'ignore', 'inherit'] }),
   );

@@ -219,7 +219,8 @@ export class HostAgent {
       const { host, port } = this.opts.metricsListen;
       this.metricsServer = createServer((req, res) => this.serveMetrics(req, res));
       await listenHttp(this.metricsServer, { host, port });
-      this.opts.log('info', 'metrics listening', { address: `${host}:${port}` });
+      const bound = this.metricsServer.address();
+      this.opts.log('info', 'metrics listening', { address: `${host}:${bound && typeof bound === 'object' ? bound.port : port}` });
     }
     if (this.opts.apiPath) {
       if (existsSync(this.opts.apiPath)) unlinkSync(this.opts.apiPath);
