@@ -131,7 +131,7 @@ process.on('exit', () => {
 
 async function startAgent(dir, policyPath) {
   writeFileSync(join(dir, 'cookie'), 'bench');
-  const child = spawn(process.execPath, [join(root, 'bin/periscope'), 'host-agent', '--kvmi-listen', `unix:${dir}/k.sock`, '--cookie-file', join(dir, 'cookie'), '--policy', policyPath, '--metrics-listen', '127.0.0.1:0'.replace(':0', `:${20000 + Math.floor(Math.random() * 20000)}`), '--api-listen', `unix:${dir}/api.sock`, '--log-level', 'warn'], { stdio: ['ignore', 'ignore', 'inherit'] });
+  const child = spawn(process.execPath, [join(root, 'bin/periscope'), 'host-agent', '--kvmi-listen', `unix:${dir}/k.sock`, '--cookie-file', join(dir, 'cookie'), '--policy', policyPath, '--metrics-listen', '127.0.0.1:0', '--api-listen', `unix:${dir}/api.sock`, '--log-level', 'warn'], { stdio: ['ignore', 'ignore', 'inherit'] });
   children.add(child);
   child.once('exit', () => children.delete(child));
   await until(() => existsSync(join(dir, 'api.sock')));
