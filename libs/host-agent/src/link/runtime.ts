@@ -448,7 +448,14 @@ export class LinkRuntime {
       this.queue.push(st.link, vcpu, seq, ctx.eventId, ctx.tier, ctx.reason, action, newVal !== undefined, lo, hi, ctx.ruleIndex, ctx.exceptionIndex, ctx.policy!, latencyNs, ctx.receivedMs, ctx.withEvent ? ctx.frame : null);
     }
     if (ctx.severity > 0 && ctx.frame) {
-      if (!this.takeDetectionToken(st)) {
+      if (this.takeDetectionToken(st)) {
+        const snap = Object.assign(new ReportCtx(), ctx);
+        this.pendingDetections.push({ vm, link: st.link, vcpu, ctx: snap, action, newVal, latencyNs, repliedMs: nowMs() });
+        if (!this.detectionsScheduled) {
+          this.detectionsScheduled = true;
+          setImmediate(() => this.raiseDetections());
+        }
+      } else {
         this.detectionLost(st.link, LossReason.LOSS_REASON_RATE_LIMITED);
         this.stats.detectionsRateLimited++;
         if (!this.lossesScheduled) {
@@ -458,13 +465,6 @@ export class LinkRuntime {
             this.sendSpool();
           });
         }
-        return;
-      }
-      const snap = Object.assign(new ReportCtx(), ctx);
-      this.pendingDetections.push({ vm, link: st.link, vcpu, ctx: snap, action, newVal, latencyNs, repliedMs: nowMs() });
-      if (!this.detectionsScheduled) {
-        this.detectionsScheduled = true;
-        setImmediate(() => this.raiseDetections());
       }
     }
     ctx.frame = null;
